@@ -1,0 +1,107 @@
+"""All of llamacord's settings, read from the environment and `.env`.
+
+Every field here is documented in `.env.example` and in the README's configuration table; a test checks both,
+so a new setting cannot ship undocumented.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL = "meta-llama/Llama-3.2-1B-Instruct"
+DEFAULT_SYSTEM_PROMPT = (
+    "You are Llamacord, a helpful assistant in a Discord server. "
+    "User messages start with the speaker's name. Answer concisely and use Discord markdown."
+)
+
+
+class Settings(BaseSettings):
+    """The process-wide configuration. Field names map to upper-case environment variables."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        env_ignore_empty=True,
+        case_sensitive=False,
+    )
+
+    # Discord
+    discord_token: SecretStr | None = None
+    discord_api_base_url: str = "https://discord.com/api/v10"
+    discord_gateway_url: str = "wss://gateway.discord.gg"
+    dev_guild_id: int | None = None
+    user_cooldown_seconds: float = Field(default=0.0, ge=0)
+    edit_interval_seconds: float = Field(default=1.0, gt=0)
+
+    # Storage
+    database_path: Path = Path("llamacord.sqlite3")
+    history_limit: int = Field(default=100, ge=1, le=10_000)
+
+    # Model
+    model: str = DEFAULT_MODEL
+    hf_token: SecretStr | None = None
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    model_cache_dir: Path = Path.home() / ".cache" / "llamacord"
+    chat_template_path: Path | None = None
+
+    # Generation defaults (a channel may override the sampling ones with /config)
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    temperature: float = Field(default=0.7, ge=0.0, le=2.0)
+    top_p: float = Field(default=0.9, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(default=512, ge=1, le=8192)
+    max_prompt_tokens: int = Field(default=4096, ge=64)
+
+    # Executor
+    max_batch_size: int = Field(default=32, ge=1, le=1024)
+    max_queued_requests: int = Field(default=64, ge=0)
+
+    # Operations
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value in {"auto", "cpu", "cuda", "mps"} or (value.startswith("cuda:") and value[5:].isdigit()):
+            return value
+        raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
+
+    @field_validator("database_path", "model_cache_dir", "chat_template_path")
+    @classmethod
+    def _expand_user(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_log_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+
+class SettingsError(SystemExit):
+    """Start-up stops here, with a message that names each bad setting."""
+
+
+def format_validation_error(error: ValidationError) -> str:
+    lines = ["Invalid llamacord settings:"]
+    for problem in error.errors():
+        name = "_".join(str(part) for part in problem["loc"]).upper() or "(settings)"
+        given = problem.get("input")
+        shown = "" if isinstance(given, dict) or given is None else f" (got {given!r})"
+        lines.append(f"  {name}: {problem['msg']}{shown}")
+    lines.append("Fix them in the environment or in .env; .env.example lists every setting.")
+    return "\n".join(lines)
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build the settings, turning a validation error into a clear exit that names the setting."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as error:
+        raise SettingsError(format_validation_error(error)) from None

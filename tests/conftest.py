@@ -1,0 +1,13 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.tiny_model import save_tiny_llama
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama saved as a Hugging Face model directory (MODEL=<this path> loads it)."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
