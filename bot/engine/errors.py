@@ -1,0 +1,17 @@
+"""Errors the engine raises. Their `str()` is short and fit to show a user; details go to the log."""
+
+
+class EngineError(Exception):
+    """Base class for every engine failure."""
+
+
+class ModelLoadError(EngineError):
+    """The model named by MODEL could not be resolved or loaded (gated, offline, missing, corrupt)."""
+
+
+class EngineBusyError(EngineError):
+    """The waiting queue is full; the caller should tell the user to try again shortly."""
+
+
+class GenerationError(EngineError):
+    """Generation failed for this request; the engine keeps serving the others."""
