@@ -57,6 +57,13 @@ class Settings(BaseSettings):
     max_new_tokens: int = Field(default=512, ge=1, le=8192)
     max_prompt_tokens: int = Field(default=4096, ge=64)
 
+    # Backend: the in-process model (local) or an OpenAI-compatible server (openai: vLLM, SGLang, llama.cpp, ...)
+    backend: Literal["local", "openai"] = "local"
+    openai_base_url: str = "http://127.0.0.1:8000/v1"
+    openai_api_key: SecretStr | None = None
+    openai_model: str | None = None
+    openai_timeout_seconds: float = Field(default=60.0, gt=0)
+
     # Executor
     max_batch_size: int = Field(default=32, ge=1, le=1024)
     max_queued_requests: int = Field(default=64, ge=0)
@@ -64,6 +71,7 @@ class Settings(BaseSettings):
     # Operations
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    metrics_host: str = Field(default="127.0.0.1", min_length=1)
 
     @field_validator("device")
     @classmethod
@@ -72,6 +80,30 @@ class Settings(BaseSettings):
         if value in {"auto", "cpu", "cuda", "mps"} or (value.startswith("cuda:") and value[5:].isdigit()):
             return value
         raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
+
+    @field_validator("openai_base_url")
+    @classmethod
+    def _check_base_url(cls, value: str) -> str:
+        value = value.strip().rstrip("/")
+        if value.startswith(("http://", "https://")):
+            return value
+        raise ValueError("must be an http:// or https:// URL, such as http://127.0.0.1:8000/v1")
+
+    @field_validator("discord_api_base_url")
+    @classmethod
+    def _check_discord_api_base_url(cls, value: str) -> str:
+        value = value.strip().rstrip("/")
+        if value.startswith(("http://", "https://")):
+            return value
+        raise ValueError("must be an http:// or https:// URL, such as https://discord.com/api/v10")
+
+    @field_validator("discord_gateway_url")
+    @classmethod
+    def _check_discord_gateway_url(cls, value: str) -> str:
+        value = value.strip()
+        if value.startswith(("ws://", "wss://")):
+            return value
+        raise ValueError("must be a ws:// or wss:// URL, such as wss://gateway.discord.gg")
 
     @field_validator("database_path", "model_cache_dir", "chat_template_path")
     @classmethod
