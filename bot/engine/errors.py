@@ -15,3 +15,7 @@ class EngineBusyError(EngineError):
 
 class GenerationError(EngineError):
     """Generation failed for this request; the engine keeps serving the others."""
+
+
+class PromptError(EngineError):
+    """The conversation cannot become a prompt: the chat template failed, or the system prompt alone is over budget."""
