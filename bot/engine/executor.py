@@ -1,0 +1,369 @@
+"""`AsyncEngine`: the async face of the one executor that owns the model (submit, stream deltas, cancel, busy).
+
+Shaped like vLLM's AsyncLLM: `generate()` returns a `RequestStream` at once (or raises `EngineBusyError` at once),
+iterating it yields text deltas, and leaving the loop aborts the request. The model runs on the continuous-batching
+thread behind `cb_adapter`; this module runs on the event loop only and never touches the model. Each generation
+step reaches the loop as one callback carrying every request's new tokens; a stream only records them and wakes its
+consumer, which decodes whatever has arrived when it next reads, so a slow consumer decodes a few tokens at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from time import perf_counter
+from typing import Protocol
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from bot.engine.cb_adapter import ContinuousBatcher, TokenUpdate
+from bot.engine.detokenizer import IncrementalDetokenizer
+from bot.engine.errors import EngineBusyError, EngineError, GenerationError, ModelLoadError
+from bot.engine.info import ModelInfo, collect_model_info
+from bot.engine.loader import load_model
+from bot.engine.sampling import SamplingParams
+from bot.engine.templating import Prompt, PromptBuilder
+from bot.settings import Settings
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BATCH_TOKENS = 2048
+
+
+class FinishReason(StrEnum):
+    STOP = "stop"  # the model emitted one of its EOS tokens
+    LENGTH = "length"  # max_new_tokens reached
+    CANCELLED = "cancelled"  # the consumer left, or cancel() was called
+    ERROR = "error"  # generation failed, or the engine shut down
+
+
+@dataclass(slots=True)
+class RequestMetrics:
+    """Times in seconds from `generate()`; None until known. Updated live while the request runs."""
+
+    queue_wait_s: float | None = None  # until the scheduler took the request into the batch
+    ttft_s: float | None = None  # until the first token reached the event loop
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    total_s: float | None = None
+    finish_reason: FinishReason | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    waiting: int  # accepted, no token yet
+    running: int  # generating
+    max_batch_size: int
+    max_queued_requests: int
+
+
+class _HasTokenIds(Protocol):
+    @property
+    def token_ids(self) -> Sequence[int]: ...
+
+
+class RequestStream:
+    """One request's text deltas, as an async iterator. Leaving the loop, or cancelling its task, aborts it."""
+
+    def __init__(
+        self,
+        request_id: str,
+        *,
+        prompt_tokens: int,
+        eos_token_ids: frozenset[int],
+        detokenizer: IncrementalDetokenizer,
+        abort: Callable[[RequestStream], None],
+    ) -> None:
+        self.request_id = request_id
+        self.metrics = RequestMetrics(prompt_tokens=prompt_tokens)
+        self._eos_token_ids = eos_token_ids
+        self._detokenizer = detokenizer
+        self._abort = abort
+        self._submitted_at = perf_counter()
+        self._token_ids: list[int] = []
+        self._decoded = 0  # how many of _token_ids the detokenizer has seen
+        self._error: EngineError | None = None
+        self._wakeup = asyncio.Event()  # set on every update; the consumer clears it before waiting
+        self._done = asyncio.Event()
+
+    @property
+    def token_ids(self) -> list[int]:
+        """Every generated token id so far, the stop token included (as `generate` returns them)."""
+        return list(self._token_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.metrics.finish_reason is not None
+
+    @property
+    def started(self) -> bool:
+        return bool(self._token_ids)
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self._deltas()
+
+    async def _deltas(self) -> AsyncIterator[str]:
+        try:
+            while True:
+                delta = self._decode_new()
+                if delta:
+                    yield delta
+                    continue
+                if self.finished:
+                    break
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            tail = self._detokenizer.flush()
+            if tail and self.metrics.finish_reason is not FinishReason.CANCELLED:
+                yield tail
+            if self._error is not None:
+                raise self._error
+        finally:
+            if not self.finished:  # the consumer left the loop early, or its task was cancelled
+                self._abort(self)
+
+    async def cancel(self) -> None:
+        """Abort the request (the Stop button). Its slot is free for the next request at once."""
+        if not self.finished:
+            self._abort(self)
+
+    def _decode_new(self) -> str:
+        end = len(self._token_ids)
+        if self.metrics.finish_reason is FinishReason.STOP:
+            end -= 1  # the EOS token is not text
+        if end <= self._decoded:
+            return ""
+        new_ids = self._token_ids[self._decoded : end]
+        self._decoded = end
+        return self._detokenizer.push(new_ids)
+
+    def _apply(self, update: TokenUpdate, now: float) -> None:
+        """Record one step's output. Runs on the event loop, inside the per-step callback: keep it O(1)."""
+        if update.started_at is not None and self.metrics.queue_wait_s is None:
+            self.metrics.queue_wait_s = max(0.0, update.started_at - self._submitted_at)
+        if update.token_ids and not self._token_ids:
+            self.metrics.ttft_s = now - self._submitted_at
+        self._token_ids = update.token_ids
+        self.metrics.generated_tokens = len(update.token_ids)
+        if update.error is not None:
+            self._finish(FinishReason.ERROR, GenerationError("Generation failed. Please try again."), now)
+        elif update.done:
+            stopped = bool(update.token_ids) and update.token_ids[-1] in self._eos_token_ids
+            self._finish(FinishReason.STOP if stopped else FinishReason.LENGTH, None, now)
+        self._wakeup.set()
+
+    def _finish(self, reason: FinishReason, error: EngineError | None, now: float | None = None) -> None:
+        if self.finished:
+            return
+        now = perf_counter() if now is None else now
+        self.metrics.finish_reason = reason
+        self.metrics.total_s = now - self._submitted_at
+        if self.metrics.queue_wait_s is None:
+            self.metrics.queue_wait_s = self.metrics.total_s
+        self._error = error
+        self._wakeup.set()
+        self._done.set()
+
+
+class AsyncEngine:
+    """Owns the model for the whole process. Create it on the event loop, then `await start()` (or use
+    `from_settings`). All methods must be called from that loop."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        max_batch_size: int,
+        max_queued_requests: int,
+        max_sequence_tokens: int | None = None,
+        cache_tokens: int | None = None,
+        max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+        prompt_builder: PromptBuilder | None = None,
+        info: ModelInfo | None = None,
+    ) -> None:
+        """`max_sequence_tokens` caps prompt + max_new_tokens of one request (default: the model's context length);
+        `cache_tokens` sizes the paged KV cache (default: a full batch of the longest requests)."""
+        if max_batch_size < 1 or max_queued_requests < 0:
+            raise ValueError("max_batch_size must be >= 1 and max_queued_requests >= 0")
+        context_length = _context_length(model)
+        self._max_sequence_tokens = min(max_sequence_tokens or context_length, context_length)
+        cache_tokens = cache_tokens or max_batch_size * self._max_sequence_tokens
+        # A request longer than the whole cache can never be scheduled, so it is refused at submission.
+        self._max_sequence_tokens = min(self._max_sequence_tokens, cache_tokens)
+        self._tokenizer = tokenizer
+        self._eos_token_ids = frozenset(_eos_token_ids(model))
+        self._max_batch_size = max_batch_size
+        self._max_queued_requests = max_queued_requests
+        self._prompt_builder = prompt_builder
+        self._info = info
+        self._streams: dict[str, RequestStream] = {}
+        self._ids = itertools.count()
+        self._state = "new"  # new -> running -> closed
+        self._batcher = ContinuousBatcher(
+            model,
+            eos_token_ids=sorted(self._eos_token_ids),
+            max_batch_size=max_batch_size,
+            cache_tokens=cache_tokens,
+            max_batch_tokens=max_batch_tokens,
+            on_updates=self._on_updates,
+        )
+
+    @classmethod
+    async def from_settings(cls, settings: Settings) -> AsyncEngine:
+        """Load the model named by MODEL in a worker thread and start the executor."""
+        loaded = await asyncio.to_thread(load_model, settings)
+        info = await asyncio.to_thread(collect_model_info, loaded)
+        context_length = _context_length(loaded.model)
+        longest_request = min(settings.max_prompt_tokens + settings.max_new_tokens, context_length)
+        engine = cls(
+            loaded.model,
+            loaded.tokenizer,
+            max_batch_size=settings.max_batch_size,
+            max_queued_requests=settings.max_queued_requests,
+            cache_tokens=settings.max_batch_size * longest_request,
+            prompt_builder=PromptBuilder(
+                loaded.tokenizer, max_prompt_tokens=settings.max_prompt_tokens, context_length=context_length
+            ),
+            info=info,
+        )
+        await engine.start()
+        return engine
+
+    async def start(self) -> None:
+        """Allocate the KV cache and start the generation thread (off the loop)."""
+        if self._state != "new":
+            raise EngineError("The engine was already started.")
+        try:
+            await asyncio.to_thread(self._batcher.start, asyncio.get_running_loop())
+        except (MemoryError, RuntimeError, ValueError) as error:  # the KV cache does not fit, or a bad size
+            raise ModelLoadError(
+                f"The executor could not start: {error}. Lower MAX_BATCH_SIZE, MAX_PROMPT_TOKENS or MAX_NEW_TOKENS."
+            ) from error
+        self._state = "running"
+
+    async def __aenter__(self) -> AsyncEngine:
+        if self._state == "new":
+            await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.shutdown()
+
+    @property
+    def info(self) -> ModelInfo:
+        if self._info is None:
+            raise EngineError("This engine was built without model info.")
+        return self._info
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        return self._tokenizer
+
+    def stats(self) -> EngineStats:
+        running = sum(1 for stream in self._streams.values() if stream.started)
+        return EngineStats(
+            waiting=len(self._streams) - running,
+            running=running,
+            max_batch_size=self._max_batch_size,
+            max_queued_requests=self._max_queued_requests,
+        )
+
+    def tokenize(self, text: str) -> list[tuple[int, str]]:
+        """(id, text) of each token, reading control-token look-alikes as plain text, as user messages are read."""
+        token_ids = self._tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        return [(token_id, self._tokenizer.decode([token_id])) for token_id in token_ids]
+
+    async def prepare(self, messages: Sequence[dict[str, str]], max_new_tokens: int) -> Prompt:
+        """Render the chat within the token budget, in a worker thread (templating is CPU work)."""
+        if self._prompt_builder is None:
+            raise EngineError("This engine was built without a prompt builder.")
+        return await asyncio.to_thread(self._prompt_builder.build, list(messages), max_new_tokens)
+
+    def generate(self, prompt: _HasTokenIds | Sequence[int], params: SamplingParams) -> RequestStream:
+        """Submit a request and return its stream at once. Raises `EngineBusyError` at once when the queue is full."""
+        if self._state != "running":
+            raise EngineError("The engine is not running.")
+        prompt_ids = [int(token_id) for token_id in _token_ids(prompt)]
+        if not prompt_ids:
+            raise ValueError("the prompt has no tokens")
+        if len(prompt_ids) + params.max_new_tokens > self._max_sequence_tokens:
+            raise GenerationError(
+                f"The prompt ({len(prompt_ids)} tokens) plus {params.max_new_tokens} new tokens is longer than "
+                f"this engine allows ({self._max_sequence_tokens} tokens)."
+            )
+        if len(self._streams) >= self._max_batch_size + self._max_queued_requests:
+            raise EngineBusyError("I'm busy with other conversations right now. Please try again in a moment.")
+        request_id = f"req-{next(self._ids)}"
+        stream = RequestStream(
+            request_id,
+            prompt_tokens=len(prompt_ids),
+            eos_token_ids=self._eos_token_ids,
+            detokenizer=IncrementalDetokenizer(self._tokenizer),
+            abort=self._abort,
+        )
+        self._streams[request_id] = stream  # before submitting, so no output of this request can be missed
+        self._batcher.submit(request_id, prompt_ids, params)
+        return stream
+
+    async def shutdown(self, drain_timeout_s: float = 0.0) -> None:
+        """Stop accepting requests, let running ones finish for up to `drain_timeout_s`, fail the rest with
+        `GenerationError`, and stop the generation thread."""
+        if self._state == "closed":
+            return
+        was_running, self._state = self._state == "running", "closed"
+        if was_running and self._streams and drain_timeout_s > 0:
+            pending = [asyncio.create_task(stream._done.wait()) for stream in self._streams.values()]
+            _, still_running = await asyncio.wait(pending, timeout=drain_timeout_s)
+            for task in still_running:
+                task.cancel()
+        # Fail what is left before stopping the thread, so the thread's own failure outputs find no stream.
+        for stream in self._streams.values():
+            stream._finish(FinishReason.ERROR, GenerationError("The bot is shutting down."))
+        self._streams.clear()
+        if was_running:
+            await asyncio.to_thread(self._batcher.stop)
+
+    def _abort(self, stream: RequestStream) -> None:
+        stream._finish(FinishReason.CANCELLED, None)
+        if self._streams.pop(stream.request_id, None) is not None:
+            self._batcher.cancel(stream.request_id)
+
+    def _on_updates(self, updates: list[TokenUpdate]) -> None:
+        """One call per generation step, on the event loop."""
+        now = perf_counter()
+        for update in updates:
+            stream = self._streams.get(update.request_id)
+            if stream is None:
+                if not update.done:
+                    # Cancelled, but the cancellation reached the scheduler before the request did and was lost.
+                    self._batcher.cancel(update.request_id)
+                continue
+            stream._apply(update, now)
+            if stream.finished:
+                del self._streams[update.request_id]
+                if update.error is not None:
+                    log.error("request %s failed: %s", update.request_id, update.error)
+
+
+def _token_ids(prompt: _HasTokenIds | Sequence[int]) -> Sequence[int]:
+    token_ids = getattr(prompt, "token_ids", None)
+    return prompt if token_ids is None else token_ids  # type: ignore[return-value]
+
+
+def _context_length(model: PreTrainedModel) -> int:
+    config = model.config.get_text_config()
+    return int(getattr(config, "max_position_embeddings", None) or 2048)
+
+
+def _eos_token_ids(model: PreTrainedModel) -> list[int]:
+    """Every EOS id of the model (Llama 3.2 has three), from its generation config, else its config."""
+    for config in (model.generation_config, model.config):
+        eos = getattr(config, "eos_token_id", None)
+        if eos is not None:
+            return [eos] if isinstance(eos, int) else list(eos)
+    raise EngineError("The model defines no EOS token, so generation could never stop early.")

@@ -1,0 +1,39 @@
+"""How one request samples. Every request carries its own; the executor batches requests with different ones."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from bot.settings import Settings
+
+_SETTINGS = Settings.model_fields  # the defaults are the global settings' defaults, written down once there
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """Sampling for one request. `temperature == 0` is greedy decoding (the argmax, exactly as `generate` picks it)."""
+
+    temperature: float = _SETTINGS["temperature"].default
+    top_p: float = _SETTINGS["top_p"].default
+    max_new_tokens: int = _SETTINGS["max_new_tokens"].default
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        # The continuous-batching processors type-check their per-request kwargs as float: accept ints here.
+        object.__setattr__(self, "temperature", float(self.temperature))
+        object.__setattr__(self, "top_p", float(self.top_p))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SamplingParams:
+        """The global defaults; a channel's overrides are applied with `dataclasses.replace`."""
+        return cls(temperature=settings.temperature, top_p=settings.top_p, max_new_tokens=settings.max_new_tokens)
