@@ -1,0 +1,282 @@
+"""`llamacord chat`, `ask` and `info`: the model in a terminal, on the same engine and store as the bot.
+
+`chat` keeps its conversation in the bot's SQLite database as a channel of its own (`TERMINAL_CHANNEL_ID`), so it
+survives restarts and `/reset` works as in Discord. Lines are read in a daemon thread: the loop keeps streaming
+tokens meanwhile. Ctrl-C stops a reply; at the prompt, Ctrl-C or Ctrl-D quits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import getpass
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Awaitable, Callable
+from typing import TextIO
+
+from bot.conversation import build_chat
+from bot.engine.backend import Engine, create_engine
+from bot.engine.errors import EngineError, ModelLoadError
+from bot.engine.sampling import SamplingParams
+from bot.logs import configure_logging
+from bot.settings import Settings
+from storage import Role, Store, StoreError
+
+log = logging.getLogger(__name__)
+
+# Discord ids are never 0, so the terminal's conversation cannot collide with a Discord channel's.
+TERMINAL_CHANNEL_ID = 0
+PROMPT = "> "
+HELP = (
+    "Commands: /reset (forget this conversation), /system TEXT (set the system prompt; /system alone shows it), "
+    "/info (model and tokenizer), /quit. Start a line with a space to send text that begins with '/'."
+)
+
+ReadLine = Callable[[str], Awaitable[str | None]]  # shows a prompt, returns the line, or None at end of input
+
+
+def chat_command(settings: Settings, args: argparse.Namespace) -> None:
+    configure_logging(settings.log_level)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_chat(settings))
+
+
+def ask_command(settings: Settings, args: argparse.Namespace) -> None:
+    question = args.question.strip()
+    if not question:
+        sys.exit("llamacord ask: the question is empty.")
+    configure_logging(settings.log_level)
+    try:
+        asyncio.run(_ask(settings, question, sys.stdout))
+    except KeyboardInterrupt:
+        sys.exit(130)  # a script must not take a cut-off answer for a whole one
+
+
+def info_command(settings: Settings, args: argparse.Namespace) -> None:
+    configure_logging(settings.log_level)
+    asyncio.run(_info(settings, sys.stdout))
+
+
+async def start_engine(settings: Settings) -> Engine:
+    """The BACKEND's engine, sized for one person: a batch of one, so a local KV cache holds one conversation."""
+    try:
+        return await create_engine(settings.model_copy(update={"max_batch_size": 1}))
+    except ModelLoadError as error:
+        raise SystemExit(f"Cannot load the model: {error}") from None
+
+
+async def _ask(settings: Settings, question: str, out: TextIO) -> None:
+    engine = await start_engine(settings)
+    try:
+        chat = [*build_chat(settings.system_prompt, []), {"role": Role.USER.value, "content": question}]
+        prompt = await engine.prepare(chat, settings.max_new_tokens)
+        async for delta in engine.generate(prompt, SamplingParams.from_settings(settings)):
+            out.write(delta)
+            out.flush()
+        out.write("\n")
+    except EngineError as error:
+        log.exception("llamacord ask failed")
+        raise SystemExit(f"llamacord ask: {error}") from None
+    finally:
+        await engine.shutdown()
+
+
+async def _info(settings: Settings, out: TextIO) -> None:
+    engine = await start_engine(settings)
+    try:
+        out.write("\n".join(engine.info.lines()) + "\n")
+    finally:
+        await engine.shutdown()
+
+
+async def _chat(settings: Settings) -> None:
+    try:
+        store = await Store.open(settings.database_path)
+    except StoreError as error:
+        raise SystemExit(f"Cannot use the database: {error}") from None
+    try:
+        engine = await start_engine(settings)
+        try:
+            session = TerminalChat(engine, store, settings, sys.stdout)
+            main = asyncio.current_task()
+            loop = asyncio.get_running_loop()
+
+            def on_interrupt() -> None:
+                if not session.interrupt() and main is not None:
+                    main.cancel()
+
+            with contextlib.suppress(NotImplementedError):  # no loop signal handlers on Windows: Ctrl-C quits
+                loop.add_signal_handler(signal.SIGINT, on_interrupt)
+            try:
+                await session.run(StdinLines(sys.stdout))
+            except asyncio.CancelledError:
+                sys.stdout.write("\n")
+            finally:
+                with contextlib.suppress(NotImplementedError):
+                    loop.remove_signal_handler(signal.SIGINT)
+        finally:
+            await engine.shutdown()
+    finally:
+        await store.close()
+
+
+class StdinLines:
+    """A `ReadLine` on standard input, read in a daemon thread so the loop keeps streaming meanwhile.
+
+    It reads the file descriptor with `os.read`, not `input()`: a daemon thread blocked in `input()` holds the
+    lock of `sys.stdin`'s buffer, and the interpreter aborts at exit when it cannot take that lock (Ctrl-C at the
+    prompt). A blocked `os.read` holds no lock, so quitting never waits for Enter and never crashes.
+    """
+
+    def __init__(self, out: TextIO, fd: int | None = None) -> None:
+        self._out = out
+        self._fd = sys.stdin.fileno() if fd is None else fd
+        self._encoding = sys.stdin.encoding or "utf-8"
+        self._pending = b""
+
+    async def __call__(self, prompt: str) -> str | None:
+        self._out.write(prompt)
+        self._out.flush()
+        loop = asyncio.get_running_loop()
+        line: asyncio.Future[str | None] = loop.create_future()
+
+        def settle(value: str | None, error: BaseException | None) -> None:
+            if line.done():
+                return
+            if error is None:
+                line.set_result(value)
+            else:
+                line.set_exception(error)
+
+        def read() -> None:
+            try:
+                value, error = self._read_line(), None
+            except OSError as failure:  # a closed or unreadable stdin
+                value, error = None, failure
+            loop.call_soon_threadsafe(settle, value, error)
+
+        threading.Thread(target=read, name="llamacord-stdin", daemon=True).start()
+        return await line
+
+    def _read_line(self) -> str | None:
+        """The next line without its line break; a last line without one; None at end of input."""
+        while b"\n" not in self._pending:
+            chunk = os.read(self._fd, 4096)
+            if not chunk:
+                rest, self._pending = self._pending, b""
+                return rest.decode(self._encoding, errors="replace") if rest else None
+            self._pending += chunk
+        raw, _, self._pending = self._pending.partition(b"\n")
+        return raw.decode(self._encoding, errors="replace").removesuffix("\r")
+
+
+class TerminalChat:
+    """The chat loop: commands, and one streamed reply per line, stored like a Discord channel's messages."""
+
+    def __init__(self, engine: Engine, store: Store, settings: Settings, out: TextIO) -> None:
+        self.engine = engine
+        self.store = store
+        self.settings = settings
+        self.out = out
+        self.user_name = _user_name()
+        self._reply: asyncio.Task[None] | None = None
+
+    def interrupt(self) -> bool:
+        """Stop the reply being streamed; False when none is (the caller then quits)."""
+        if self._reply is None or self._reply.done():
+            return False
+        self._reply.cancel()
+        return True
+
+    async def run(self, read_line: ReadLine) -> None:
+        earlier = len(await self.store.load_history(TERMINAL_CHANNEL_ID, self.settings.history_limit))
+        self._say(f"Chatting with {self.engine.info.source}. {HELP}")
+        if earlier:
+            self._say(f"(continuing a conversation of {earlier} messages; /reset starts over)")
+        while True:
+            line = await read_line(PROMPT)
+            if line is None:
+                self._say("")
+                return
+            try:
+                if line.startswith("/"):
+                    if not await self._command(line):
+                        return
+                elif line.strip():
+                    self._reply = asyncio.create_task(self._answer(line.strip()))
+                    await self._reply
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise  # the session itself is being cancelled, not just the reply
+            except (EngineError, StoreError) as error:
+                log.exception("terminal reply failed")
+                self._say(f"(error: {error})")
+            finally:
+                self._reply = None
+
+    async def _command(self, line: str) -> bool:
+        """Run a slash command; False means quit."""
+        name, _, argument = line.partition(" ")
+        argument = argument.strip()
+        if name in ("/quit", "/exit"):
+            return False
+        if name == "/reset":
+            cleared = await self.store.reset(TERMINAL_CHANNEL_ID)
+            self._say(f"(forgot {cleared} messages)")
+        elif name == "/system" and argument:
+            await self.store.update_channel_settings(TERMINAL_CHANNEL_ID, changed_by=None, system_prompt=argument)
+            self._say("(system prompt set)")
+        elif name == "/system":
+            self._say(f"System prompt: {await self._system_prompt()}")
+        elif name == "/info":
+            self._say("\n".join(self.engine.info.lines()))
+        elif name == "/help":
+            self._say(HELP)
+        else:
+            self._say(f"Unknown command {name}. {HELP}")
+        return True
+
+    async def _system_prompt(self) -> str:
+        override = (await self.store.get_channel_settings(TERMINAL_CHANNEL_ID)).system_prompt
+        return override if override is not None else self.settings.system_prompt
+
+    async def _answer(self, text: str) -> None:
+        """Store the line, stream the reply, and store what was shown (all of it, or up to Ctrl-C)."""
+        await self.store.append_message(TERMINAL_CHANNEL_ID, Role.USER, text, author_name=self.user_name)
+        history = await self.store.load_history(TERMINAL_CHANNEL_ID, self.settings.history_limit)
+        chat = build_chat(await self._system_prompt(), history)
+        reply = ""
+        try:
+            prompt = await self.engine.prepare(chat, self.settings.max_new_tokens)
+            if prompt.truncated:
+                self._say("(your message is too long for the context window: its middle was cut)")
+            async for delta in self.engine.generate(prompt, SamplingParams.from_settings(self.settings)):
+                reply += delta
+                self.out.write(delta)
+                self.out.flush()
+        except asyncio.CancelledError:
+            self._say(" (stopped)")
+            raise
+        else:
+            self._say("")
+        finally:
+            if reply:
+                await asyncio.shield(self.store.append_message(TERMINAL_CHANNEL_ID, Role.ASSISTANT, reply))
+
+    def _say(self, text: str) -> None:
+        self.out.write(text + "\n")
+        self.out.flush()
+
+
+def _user_name() -> str:
+    """The speaker's name in the prompt ("alice: hi"), as a Discord display name would be."""
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):
+        return "user"
