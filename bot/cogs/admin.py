@@ -1,0 +1,130 @@
+"""Moderation: /reset, /system and /config, with the permission checks made here in code.
+
+`default_permissions` only hides a command from members by default, and server admins can change that, so each
+command checks the caller's permissions in this channel itself. In a DM the user may do everything: the
+conversation is theirs alone. Changes are answered publicly, so the channel sees what changed; views and denials
+are ephemeral.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from bot.cogs import ChannelConfig, Denied, channel_id_of, require_permission, respond
+from storage.models import MAX_NEW_TOKENS_RANGE, TEMPERATURE_RANGE, TOP_P_RANGE
+
+if TYPE_CHECKING:
+    from bot.client import LlamacordBot
+
+# Longest system prompt accepted, and longest shown back (Discord messages stop at 2,000 characters).
+MAX_SYSTEM_PROMPT = 4000
+SHOWN_PROMPT = 1500
+
+
+def _quoted(prompt: str) -> str:
+    shown = prompt if len(prompt) <= SHOWN_PROMPT else prompt[:SHOWN_PROMPT] + "…"
+    return "\n".join("> " + line for line in shown.splitlines() or [""])
+
+
+class AdminCog(commands.Cog):
+    """Channel moderation: clear the conversation, set the system prompt, tune how the bot answers."""
+
+    def __init__(self, bot: LlamacordBot) -> None:
+        self.bot = bot
+
+    @app_commands.command(name="reset", description="Clear this channel's conversation with the bot")
+    @app_commands.default_permissions(manage_messages=True)
+    async def reset(self, interaction: discord.Interaction) -> None:
+        require_permission(interaction, "manage_messages")
+        channel_id = channel_id_of(interaction)
+        # A reply being written here finishes (and is stored) first, so it cannot land after the reset.
+        await interaction.response.defer(thinking=True)
+        async with self.bot.channel_lock(channel_id):
+            cleared = await self.bot.store.reset(channel_id, reset_by=interaction.user.id)
+        await respond(interaction, f"Conversation cleared ({cleared} messages): I start fresh here.")
+
+    @app_commands.command(name="system", description="Show or set this channel's system prompt")
+    @app_commands.describe(
+        prompt="The new system prompt for this channel (needs Manage Server)",
+        reset="Go back to the default system prompt (needs Manage Server)",
+    )
+    async def system(
+        self,
+        interaction: discord.Interaction,
+        prompt: app_commands.Range[str, 1, MAX_SYSTEM_PROMPT] | None = None,
+        reset: bool = False,
+    ) -> None:
+        channel_id = channel_id_of(interaction)
+        store = self.bot.store
+        if prompt is None and not reset:
+            config = ChannelConfig.resolve(self.bot.settings, await store.get_channel_settings(channel_id))
+            origin = "this channel's own" if "system_prompt" in config.overridden else "the default"
+            await respond(interaction, f"System prompt ({origin}):\n{_quoted(config.system_prompt)}", ephemeral=True)
+            return
+        if prompt is not None and reset:
+            raise Denied("Give either a new `prompt` or `reset: True`, not both.")
+        require_permission(interaction, "manage_guild")
+        if prompt is not None and len(prompt) > MAX_SYSTEM_PROMPT:
+            raise Denied(f"A system prompt can be at most {MAX_SYSTEM_PROMPT} characters; this one has {len(prompt)}.")
+        await store.update_channel_settings(channel_id, changed_by=interaction.user.id, system_prompt=prompt)
+        if prompt is None:
+            await respond(interaction, "This channel is back on the default system prompt.")
+        else:
+            await respond(interaction, f"System prompt for this channel set:\n{_quoted(prompt)}")
+
+    @app_commands.command(name="config", description="Show or change how the bot answers in this channel")
+    @app_commands.default_permissions(manage_guild=True)
+    @app_commands.describe(
+        reply_mode="mention: answer when mentioned or replied to; all: answer every message",
+        temperature=f"Sampling temperature, {TEMPERATURE_RANGE[0]:g} to {TEMPERATURE_RANGE[1]:g} (0 is greedy)",
+        top_p=f"Nucleus sampling mass, above {TOP_P_RANGE[0]:g} and up to {TOP_P_RANGE[1]:g}",
+        max_new_tokens=f"Longest reply in tokens, {MAX_NEW_TOKENS_RANGE[0]} to {MAX_NEW_TOKENS_RANGE[1]}",
+        reset="Put the reply mode and sampling back to the defaults",
+    )
+    async def config(
+        self,
+        interaction: discord.Interaction,
+        reply_mode: Literal["mention", "all"] | None = None,
+        temperature: app_commands.Range[float, TEMPERATURE_RANGE[0], TEMPERATURE_RANGE[1]] | None = None,
+        top_p: app_commands.Range[float, TOP_P_RANGE[0], TOP_P_RANGE[1]] | None = None,
+        max_new_tokens: app_commands.Range[int, MAX_NEW_TOKENS_RANGE[0], MAX_NEW_TOKENS_RANGE[1]] | None = None,
+        reset: bool = False,
+    ) -> None:
+        require_permission(interaction, "manage_guild")
+        channel_id = channel_id_of(interaction)
+        given = {"reply_mode": reply_mode, "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens}
+        changes = {name: value for name, value in given.items() if value is not None}
+        if reset and changes:
+            raise Denied("Give either new values or `reset: True`, not both.")
+        if reset:
+            changes = dict.fromkeys(given)
+        store = self.bot.store
+        if changes:
+            try:
+                overrides = await store.update_channel_settings(channel_id, changed_by=interaction.user.id, **changes)
+            except (ValueError, TypeError) as error:
+                # Discord enforces the ranges in its client; this catches what gets past it (top_p = 0, say).
+                raise Denied(f"Nothing changed: {error}.") from None
+        else:
+            overrides = await store.get_channel_settings(channel_id)
+        config = ChannelConfig.resolve(self.bot.settings, overrides)
+        title = "Channel configuration updated" if changes else "Channel configuration"
+        await respond(interaction, embed=self._config_embed(title, config), ephemeral=not changes)
+
+    @staticmethod
+    def _config_embed(title: str, config: ChannelConfig) -> discord.Embed:
+        embed = discord.Embed(title=title)
+        rows = {
+            "reply_mode": config.reply_mode.value,
+            "temperature": f"{config.temperature:g}",
+            "top_p": f"{config.top_p:g}",
+            "max_new_tokens": str(config.max_new_tokens),
+        }
+        for name, value in rows.items():
+            origin = "set here" if name in config.overridden else "default"
+            embed.add_field(name=name, value=f"`{value}` ({origin})", inline=True)
+        return embed

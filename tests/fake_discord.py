@@ -1,0 +1,814 @@
+"""A fake Discord on 127.0.0.1: REST v10 and the JSON gateway, for end-to-end tests with the real discord.py client.
+
+One aiohttp app serves both halves on a random port:
+
+- REST under `/api/v10`: the endpoints discord.py calls (login, application info, command sync, messages, typing,
+  interaction callbacks and webhooks). Every call is recorded as a `RestCall` (method, path, query, JSON body,
+  time) before it is answered, and `wait_for_call` / `wait_until` let a test wait for one, always with a timeout.
+- The gateway at `/gateway`: HELLO, IDENTIFY → READY, then GUILD_CREATE with one guild (roles, two text channels,
+  a thread, the bot's member), heartbeat ACKs; tests push MESSAGE_CREATE and INTERACTION_CREATE with
+  `send_message`, `slash` and `press_button`. Messages the bot posts come back to it as MESSAGE_CREATE, as on
+  Discord, so "the bot ignores itself" is exercised for real.
+
+Permissions are the test's to choose: a `FakeUser` has role ids (the moderator role carries Manage Guild and
+Manage Messages), and an interaction's `member.permissions` is computed from them unless the test passes its own.
+
+Discord details discord.py depends on: responses carry `Content-Type: application/json` exactly (discord.py
+compares the header, so aiohttp's `; charset=utf-8` would turn every body into a string), and interaction
+callbacks arrive with `?with_response=1` and need a JSON `InteractionCallback` body back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import re
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import discord
+from aiohttp import WSMsgType, web
+
+API_PREFIX = "/api/v10"
+DISCORD_EPOCH_MS = 1_420_070_400_000
+DEFAULT_TIMEOUT = 10.0
+BOT_TOKEN = "fake-token"
+
+# Permission bits (https://discord.com/developers/docs/topics/permissions).
+ADMINISTRATOR = 1 << 3
+MANAGE_GUILD = 1 << 5
+VIEW_CHANNEL = 1 << 10
+SEND_MESSAGES = 1 << 11
+MANAGE_MESSAGES = 1 << 13
+EMBED_LINKS = 1 << 14
+READ_MESSAGE_HISTORY = 1 << 16
+USE_APPLICATION_COMMANDS = 1 << 31
+SEND_MESSAGES_IN_THREADS = 1 << 38
+ALL_PERMISSIONS = (1 << 53) - 1
+EVERYONE_PERMISSIONS = (
+    VIEW_CHANNEL | SEND_MESSAGES | EMBED_LINKS | READ_MESSAGE_HISTORY | USE_APPLICATION_COMMANDS
+) | SEND_MESSAGES_IN_THREADS
+MODERATOR_PERMISSIONS = MANAGE_GUILD | MANAGE_MESSAGES
+
+# Gateway opcodes and the interaction types the fake understands.
+OP_DISPATCH, OP_HEARTBEAT, OP_IDENTIFY, OP_RESUME, OP_HELLO, OP_HEARTBEAT_ACK = 0, 1, 2, 6, 10, 11
+INTERACTION_COMMAND, INTERACTION_COMPONENT = 2, 3
+CALLBACK_MESSAGE, CALLBACK_DEFERRED_MESSAGE, CALLBACK_UPDATE = 4, 5, 7  # 6 (deferred update) needs no message
+MESSAGE_DEFAULT, MESSAGE_REPLY = 0, 19
+CHANNEL_TEXT, CHANNEL_DM, CHANNEL_PUBLIC_THREAD = 0, 1, 11
+EPHEMERAL_FLAG = 1 << 6
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+def json_response(payload: Any, status: int = 200) -> web.Response:
+    """A JSON response whose Content-Type is exactly `application/json`, as Discord's (and discord.py checks)."""
+    return web.Response(status=status, body=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
+
+
+@dataclass(frozen=True)
+class RestCall:
+    """One REST request the bot made. `path` is without the `/api/v10` prefix."""
+
+    method: str
+    path: str
+    query: dict[str, str]
+    json: Any
+    time: float  # time.monotonic() when it arrived
+
+    def matches(self, method: str, path: str | re.Pattern[str]) -> bool:
+        if self.method != method:
+            return False
+        return bool(path.fullmatch(self.path)) if isinstance(path, re.Pattern) else self.path == path
+
+
+@dataclass
+class FakeUser:
+    """A user of the fake guild; `role_ids` decide its permissions there."""
+
+    id: int
+    username: str
+    bot: bool = False
+    role_ids: list[int] = field(default_factory=list)
+    nick: str | None = None
+
+    def payload(self) -> dict[str, Any]:
+        return {
+            "id": str(self.id),
+            "username": self.username,
+            "discriminator": "0",
+            "global_name": self.username.title(),
+            "avatar": None,
+            "bot": self.bot,
+        }
+
+    def member_payload(self, *, permissions: int | None = None) -> dict[str, Any]:
+        """A guild member without the nested user (as in MESSAGE_CREATE's `member`)."""
+        member: dict[str, Any] = {
+            "roles": [str(role_id) for role_id in self.role_ids],
+            "nick": self.nick,
+            "joined_at": "2024-01-01T00:00:00+00:00",
+            "deaf": False,
+            "mute": False,
+            "flags": 0,
+            "avatar": None,
+        }
+        if permissions is not None:
+            member["permissions"] = str(permissions)
+        return member
+
+
+@dataclass(frozen=True)
+class FakeInteraction:
+    """An interaction the test sent; its callbacks and webhook calls are found by `token`."""
+
+    id: int
+    token: str
+    payload: dict[str, Any]
+
+
+class FakeDiscord:
+    """The fake server. `async with FakeDiscord() as discord:` starts it; `api_base_url` and `gateway_url`
+    are the values for DISCORD_API_BASE_URL and DISCORD_GATEWAY_URL."""
+
+    def __init__(self) -> None:
+        self._ids = itertools.count(1)
+        self.guild_id = self.snowflake()
+        self.bot_user = FakeUser(self.snowflake(), "llamacord", bot=True)
+        self.application_id = self.bot_user.id
+        self.moderator_role_id = self.snowflake()
+        self.roles: dict[int, dict[str, Any]] = {
+            self.guild_id: self._role(self.guild_id, "@everyone", EVERYONE_PERMISSIONS, 0),
+            self.moderator_role_id: self._role(self.moderator_role_id, "Moderator", MODERATOR_PERMISSIONS, 1),
+        }
+        self.owner = FakeUser(self.snowflake(), "owner")
+        self.alice = FakeUser(self.snowflake(), "alice")
+        self.bob = FakeUser(self.snowflake(), "bob", nick="Bobby")
+        self.moderator = FakeUser(self.snowflake(), "mod", role_ids=[self.moderator_role_id])
+        self.other_bot = FakeUser(self.snowflake(), "otherbot", bot=True)
+        self.general_id = self.snowflake()
+        self.random_id = self.snowflake()
+        self.thread_id = self.snowflake()
+        self.dm_id = self.snowflake()
+        self.channels: dict[int, dict[str, Any]] = {
+            self.general_id: self._text_channel(self.general_id, "general", 0),
+            self.random_id: self._text_channel(self.random_id, "random", 1),
+            self.thread_id: self._thread(self.thread_id, "a-thread", self.general_id),
+        }
+
+        self.calls: list[RestCall] = []
+        self.gateway_events: list[dict[str, Any]] = []  # what clients sent on the gateway (IDENTIFY, ...)
+        self.commands: dict[int | None, list[dict[str, Any]]] = {}  # synced commands by guild id (None: global)
+        self.messages: dict[int, dict[str, Any]] = {}  # every message, by id, as it stands after edits
+        self.created_by: dict[int, RestCall] = {}  # the POST that created each of the bot's channel messages
+        self.interactions: dict[str, dict[str, Any]] = {}  # INTERACTION_CREATE payloads sent, by token
+        self.interaction_messages: dict[str, dict[str, Any]] = {}  # @original response message by token
+        self.ready_count = 0  # READY payloads sent (one per IDENTIFY)
+        self.token = BOT_TOKEN  # the only token REST calls and IDENTIFY are accepted with
+
+        self._sockets: set[web.WebSocketResponse] = set()
+        self._sequence = 0
+        self._changed = asyncio.Condition()
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    # --- lifecycle ---------------------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> FakeDiscord:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/gateway", self._gateway)
+        app.router.add_route("*", API_PREFIX + "/{tail:.*}", self._rest)
+        self._runner = web.AppRunner(app, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def close(self) -> None:
+        for socket in list(self._sockets):
+            await socket.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    @property
+    def api_base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}{API_PREFIX}"
+
+    @property
+    def gateway_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/gateway"
+
+    def snowflake(self) -> int:
+        """A new id shaped like Discord's: the time in the high bits, a counter in the low ones."""
+        return ((int(time.time() * 1000) - DISCORD_EPOCH_MS) << 22) | (next(self._ids) & 0x3FFFFF)
+
+    # --- waiting -----------------------------------------------------------------------------------------------
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def wait_until(
+        self, predicate: Callable[[], Any], *, timeout_s: float = DEFAULT_TIMEOUT, what: str = "condition"
+    ) -> Any:
+        """Wait until `predicate()` is truthy (re-checked after every REST call and gateway message)."""
+        try:
+            async with asyncio.timeout(timeout_s), self._changed:
+                result = predicate()
+                while not result:
+                    await self._changed.wait()
+                    result = predicate()
+                return result
+        except TimeoutError:
+            recent = "\n".join(f"  {c.method} {c.path} {c.query or ''} {c.json!r:.300}" for c in self.calls[-15:])
+            raise AssertionError(
+                f"timed out after {timeout_s}s waiting for {what}; last REST calls:\n{recent}"
+            ) from None
+
+    async def wait_for_call(
+        self,
+        method: str,
+        path: str | re.Pattern[str],
+        *,
+        where: Callable[[RestCall], bool] = lambda call: True,
+        after: int = 0,
+        timeout_s: float = DEFAULT_TIMEOUT,
+    ) -> RestCall:
+        """The first call at index >= `after` with this method and path (a string, or a pattern to fullmatch)."""
+
+        def find() -> RestCall | None:
+            return next((c for c in self.calls[after:] if c.matches(method, path) and where(c)), None)
+
+        return await self.wait_until(find, timeout_s=timeout_s, what=f"{method} {getattr(path, 'pattern', path)}")
+
+    def find_calls(self, method: str, path: str | re.Pattern[str], *, after: int = 0) -> list[RestCall]:
+        return [c for c in self.calls[after:] if c.matches(method, path)]
+
+    async def wait_for_ready(self, count: int = 1, *, timeout_s: float = DEFAULT_TIMEOUT) -> None:
+        """Wait until `count` READY payloads have been sent (a restarted bot identifies again)."""
+        await self.wait_until(lambda: self.ready_count >= count, timeout_s=timeout_s, what=f"READY #{count}")
+
+    # --- what the bot posted -----------------------------------------------------------------------------------
+
+    def bot_messages(self, channel_id: int) -> list[dict[str, Any]]:
+        """The bot's messages in a channel, oldest first, as they stand now."""
+        return [
+            m
+            for m in self.messages.values()
+            if int(m["channel_id"]) == channel_id and int(m["author"]["id"]) == self.bot_user.id
+        ]
+
+    def replies_to(self, message_id: int) -> list[dict[str, Any]]:
+        """The bot's messages that reply to `message_id`."""
+        return [
+            m
+            for m in self.messages.values()
+            if int(m["author"]["id"]) == self.bot_user.id
+            and int((m.get("message_reference") or {}).get("message_id", 0)) == message_id
+        ]
+
+    def command(self, name: str, guild_id: int | None = None) -> dict[str, Any]:
+        """The command as the bot synced it: to `guild_id` if it synced it there, else globally (as Discord
+        resolves a slash command in a guild)."""
+        for scope in (guild_id, None) if guild_id is not None else (None,):
+            for command in self.commands.get(scope, []):
+                if command["name"] == name:
+                    return command
+        raise KeyError(f"the bot never synced a /{name} command")
+
+    # --- driving the bot (gateway events) ----------------------------------------------------------------------
+
+    async def dispatch(self, event: str, data: dict[str, Any]) -> None:
+        """Send a DISPATCH event to every identified gateway connection."""
+        self._sequence += 1
+        frame = json.dumps({"op": OP_DISPATCH, "t": event, "s": self._sequence, "d": data})
+        for socket in list(self._sockets):
+            if not socket.closed:
+                await socket.send_str(frame)
+
+    async def send_message(
+        self,
+        author: FakeUser,
+        content: str,
+        *,
+        channel_id: int | None = None,
+        mention_bot: bool = False,
+        mentions: list[FakeUser] | None = None,
+        reply_to: int | None = None,
+        message_type: int | None = None,
+        webhook: bool = False,
+    ) -> dict[str, Any]:
+        """A user posts a message: MESSAGE_CREATE goes to the bot. `channel_id=self.dm_id` posts in the DM.
+
+        `mention_bot` puts the bot's mention in front; `mentions` lists users whose `<@id>` the content holds."""
+        channel_id = self.general_id if channel_id is None else channel_id
+        mentions = list(mentions or [])
+        if mention_bot:
+            content = f"<@{self.bot_user.id}> {content}"
+            mentions.append(self.bot_user)
+        message = self._message(channel_id, author, content, mentions=mentions, reply_to=reply_to)
+        if message_type is not None:
+            message["type"] = message_type
+        if webhook:
+            message["webhook_id"] = str(self.snowflake())
+            message.pop("member", None)
+        self.messages[int(message["id"])] = message
+        await self.dispatch("MESSAGE_CREATE", message)
+        return message
+
+    async def slash(
+        self,
+        name: str,
+        options: dict[str, Any] | None = None,
+        *,
+        user: FakeUser,
+        channel_id: int | None = None,
+        permissions: int | None = None,
+        app_permissions: int = ALL_PERMISSIONS,
+    ) -> FakeInteraction:
+        """A user runs a synced slash command. Option types come from the synced command, as Discord's would."""
+        channel_id = self.general_id if channel_id is None else channel_id
+        guild_id = None if channel_id == self.dm_id else self.guild_id
+        command = self.command(name, guild_id)
+        option_types = {option["name"]: option["type"] for option in command.get("options", [])}
+        data: dict[str, Any] = {
+            "id": command["id"],
+            "name": name,
+            "type": 1,
+            "options": [{"name": k, "type": option_types[k], "value": v} for k, v in (options or {}).items()],
+        }
+        if command.get("guild_id"):
+            data["guild_id"] = command["guild_id"]
+        return await self._interact(INTERACTION_COMMAND, data, user, channel_id, permissions, app_permissions)
+
+    async def press_button(
+        self,
+        message_id: int,
+        custom_id: str,
+        *,
+        user: FakeUser,
+        permissions: int | None = None,
+    ) -> FakeInteraction:
+        """A user presses a button on one of the bot's messages."""
+        message = self.messages[message_id]
+        data = {"custom_id": custom_id, "component_type": 2}
+        channel_id = int(message["channel_id"])
+        return await self._interact(
+            INTERACTION_COMPONENT, data, user, channel_id, permissions, ALL_PERMISSIONS, message=message
+        )
+
+    def interaction_calls(self, interaction: FakeInteraction) -> list[RestCall]:
+        """The callback and webhook calls the bot made for one interaction."""
+        return [c for c in self.calls if interaction.token in c.path]
+
+    async def wait_for_response(
+        self, interaction: FakeInteraction, *, timeout_s: float = DEFAULT_TIMEOUT
+    ) -> dict[str, Any]:
+        """The message data of the bot's answer to an interaction: the callback's data for an immediate reply,
+        or the @original edit (or first follow-up) after a deferral."""
+
+        def answer() -> dict[str, Any] | None:
+            for call in self.interaction_calls(interaction):
+                body = call.json or {}
+                if call.path.endswith("/callback") and body.get("type") in (CALLBACK_MESSAGE, CALLBACK_UPDATE):
+                    return body.get("data") or {}
+                if call.method in ("PATCH", "POST") and "/webhooks/" in call.path:
+                    return body
+            return None
+
+        return await self.wait_until(answer, timeout_s=timeout_s, what=f"an answer to interaction {interaction.id}")
+
+    def permissions_of(self, user: FakeUser) -> int:
+        """A member's guild-wide permissions from its roles (the guild owner and administrators have all)."""
+        if user.id == self.owner.id:
+            return ALL_PERMISSIONS
+        bits = int(self.roles[self.guild_id]["permissions"])
+        for role_id in user.role_ids:
+            bits |= int(self.roles[role_id]["permissions"])
+        return ALL_PERMISSIONS if bits & ADMINISTRATOR else bits
+
+    # --- payloads ----------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _role(role_id: int, name: str, permissions: int, position: int) -> dict[str, Any]:
+        return {
+            "id": str(role_id),
+            "name": name,
+            "colors": {"primary_color": 0, "secondary_color": None, "tertiary_color": None},
+            "color": 0,
+            "hoist": False,
+            "position": position,
+            "permissions": str(permissions),
+            "managed": False,
+            "mentionable": False,
+            "flags": 0,
+        }
+
+    def _text_channel(self, channel_id: int, name: str, position: int) -> dict[str, Any]:
+        return {
+            "id": str(channel_id),
+            "type": CHANNEL_TEXT,
+            "guild_id": str(self.guild_id),
+            "name": name,
+            "position": position,
+            "permission_overwrites": [],
+            "nsfw": False,
+            "parent_id": None,
+            "topic": None,
+            "last_message_id": None,
+            "rate_limit_per_user": 0,
+            "flags": 0,
+        }
+
+    def _thread(self, thread_id: int, name: str, parent_id: int) -> dict[str, Any]:
+        return {
+            "id": str(thread_id),
+            "type": CHANNEL_PUBLIC_THREAD,
+            "guild_id": str(self.guild_id),
+            "parent_id": str(parent_id),
+            "owner_id": str(self.alice.id),
+            "name": name,
+            "last_message_id": None,
+            "message_count": 0,
+            "member_count": 1,
+            "rate_limit_per_user": 0,
+            "flags": 0,
+            "thread_metadata": {
+                "archived": False,
+                "auto_archive_duration": 1440,
+                "archive_timestamp": "2024-01-01T00:00:00+00:00",
+                "locked": False,
+            },
+        }
+
+    def _channel_payload(self, channel_id: int, user: FakeUser) -> dict[str, Any]:
+        if channel_id == self.dm_id:
+            return {"id": str(channel_id), "type": CHANNEL_DM, "recipients": [user.payload()], "last_message_id": None}
+        return self.channels[channel_id]
+
+    def _guild_create(self) -> dict[str, Any]:
+        channels = [c for c in self.channels.values() if c["type"] != CHANNEL_PUBLIC_THREAD]
+        threads = [c for c in self.channels.values() if c["type"] == CHANNEL_PUBLIC_THREAD]
+        bot_member = {**self.bot_user.member_payload(), "user": self.bot_user.payload()}
+        return {
+            "id": str(self.guild_id),
+            "name": "Llama Farm",
+            "icon": None,
+            "owner_id": str(self.owner.id),
+            "unavailable": False,
+            "member_count": 6,
+            "large": False,
+            "features": [],
+            "roles": list(self.roles.values()),
+            "emojis": [],
+            "stickers": [],
+            "channels": channels,
+            "threads": threads,
+            "members": [bot_member],
+            "voice_states": [],
+            "presences": [],
+            "joined_at": "2024-01-01T00:00:00+00:00",
+            "preferred_locale": "en-US",
+            "premium_tier": 0,
+            "system_channel_flags": 0,
+            "verification_level": 0,
+            "default_message_notifications": 0,
+            "explicit_content_filter": 0,
+            "mfa_level": 0,
+            "nsfw_level": 0,
+        }
+
+    def _application(self) -> dict[str, Any]:
+        return {
+            "id": str(self.application_id),
+            "name": "llamacord",
+            "icon": None,
+            "description": "",
+            "rpc_origins": [],
+            "bot_public": True,
+            "bot_require_code_grant": False,
+            "owner": self.owner.payload(),
+            "team": None,
+            "verify_key": "0" * 64,
+            "flags": 0,
+            "bot": self.bot_user.payload(),
+        }
+
+    def _message(
+        self,
+        channel_id: int,
+        author: FakeUser,
+        content: str,
+        *,
+        mentions: list[FakeUser] | None = None,
+        reply_to: int | None = None,
+    ) -> dict[str, Any]:
+        in_guild = channel_id != self.dm_id
+        message: dict[str, Any] = {
+            "id": str(self.snowflake()),
+            "channel_id": str(channel_id),
+            "author": author.payload(),
+            "content": content,
+            "timestamp": _now_iso(),
+            "edited_timestamp": None,
+            "tts": False,
+            "mention_everyone": False,
+            "mentions": [
+                {**user.payload(), **({"member": user.member_payload()} if in_guild else {})} for user in mentions or []
+            ],
+            "mention_roles": [],
+            "attachments": [],
+            "embeds": [],
+            "components": [],
+            "pinned": False,
+            "type": MESSAGE_DEFAULT,
+            "flags": 0,
+        }
+        if in_guild:
+            message["guild_id"] = str(self.guild_id)
+            message["member"] = author.member_payload()
+        if reply_to is not None:
+            message["type"] = MESSAGE_REPLY
+            message["message_reference"] = {
+                "type": 0,
+                "message_id": str(reply_to),
+                "channel_id": str(channel_id),
+                **({"guild_id": str(self.guild_id)} if in_guild else {}),
+            }
+            message["referenced_message"] = self.messages.get(reply_to)
+        return message
+
+    def _apply_message_body(self, message: dict[str, Any], body: dict[str, Any]) -> None:
+        """What a create/edit body changes on a stored message."""
+        for key in ("content", "embeds", "components", "flags", "allowed_mentions"):
+            if key in body and body[key] is not None:
+                message[key] = body[key]
+        if "components" in body and body["components"] is None:
+            message["components"] = []
+
+    def _bot_message(self, channel_id: int, body: dict[str, Any]) -> dict[str, Any]:
+        message = self._message(channel_id, self.bot_user, "")
+        self._apply_message_body(message, body)
+        reference = body.get("message_reference")
+        if reference:
+            target = self.messages.get(int(reference["message_id"]))
+            message["type"] = MESSAGE_REPLY
+            message["message_reference"] = {**reference, "channel_id": str(channel_id)}
+            message["referenced_message"] = target
+        self.messages[int(message["id"])] = message
+        return message
+
+    async def _interact(
+        self,
+        kind: int,
+        data: dict[str, Any],
+        user: FakeUser,
+        channel_id: int,
+        permissions: int | None,
+        app_permissions: int,
+        *,
+        message: dict[str, Any] | None = None,
+    ) -> FakeInteraction:
+        interaction_id = self.snowflake()
+        token = f"token-{interaction_id}"
+        in_guild = channel_id != self.dm_id
+        payload: dict[str, Any] = {
+            "id": str(interaction_id),
+            "application_id": str(self.application_id),
+            "type": kind,
+            "data": data,
+            "token": token,
+            "version": 1,
+            "channel_id": str(channel_id),
+            "channel": self._channel_payload(channel_id, user),
+            "app_permissions": str(app_permissions),
+            "locale": "en-US",
+            "entitlements": [],
+            "attachment_size_limit": 10 * 1024 * 1024,
+        }
+        if in_guild:
+            granted = self.permissions_of(user) if permissions is None else permissions
+            payload["guild_id"] = str(self.guild_id)
+            payload["guild_locale"] = "en-US"
+            payload["member"] = {**user.member_payload(permissions=granted), "user": user.payload()}
+            payload["authorizing_integration_owners"] = {"0": str(self.guild_id)}
+            payload["context"] = 0
+        else:
+            payload["user"] = user.payload()
+            payload["authorizing_integration_owners"] = {"1": str(user.id)}
+            payload["context"] = 1
+        if message is not None:
+            payload["message"] = message
+        self.interactions[token] = payload
+        await self.dispatch("INTERACTION_CREATE", payload)
+        return FakeInteraction(interaction_id, token, payload)
+
+    # --- gateway -----------------------------------------------------------------------------------------------
+
+    async def _gateway(self, request: web.Request) -> web.WebSocketResponse:
+        socket = web.WebSocketResponse()
+        await socket.prepare(request)
+        await socket.send_str(json.dumps({"op": OP_HELLO, "d": {"heartbeat_interval": 41_250}}))
+        try:
+            async for frame in socket:
+                if frame.type is not WSMsgType.TEXT:
+                    break
+                event = json.loads(frame.data)
+                self.gateway_events.append(event)
+                if event["op"] == OP_HEARTBEAT:
+                    await socket.send_str(json.dumps({"op": OP_HEARTBEAT_ACK}))
+                elif event["op"] == OP_IDENTIFY and event["d"].get("token") != self.token:
+                    await socket.close(code=4004, message=b"Authentication failed.")
+                elif event["op"] == OP_IDENTIFY:
+                    await self._identify(socket)
+                elif event["op"] == OP_RESUME:
+                    # No session survives here: tell the client to identify anew.
+                    await socket.send_str(json.dumps({"op": 9, "d": False}))
+                await self._notify()
+        finally:
+            self._sockets.discard(socket)
+        return socket
+
+    async def _identify(self, socket: web.WebSocketResponse) -> None:
+        self._sockets.add(socket)
+        ready = {
+            "v": 10,
+            "user": self.bot_user.payload(),
+            "guilds": [{"id": str(self.guild_id), "unavailable": True}],
+            "session_id": f"session-{self.snowflake()}",
+            "resume_gateway_url": self.gateway_url,
+            "application": {"id": str(self.application_id), "flags": 0},
+            "private_channels": [],
+        }
+        self._sequence += 1
+        await socket.send_str(json.dumps({"op": OP_DISPATCH, "t": "READY", "s": self._sequence, "d": ready}))
+        self._sequence += 1
+        frame = {"op": OP_DISPATCH, "t": "GUILD_CREATE", "s": self._sequence, "d": self._guild_create()}
+        await socket.send_str(json.dumps(frame))
+        self.ready_count += 1
+
+    # --- REST --------------------------------------------------------------------------------------------------
+
+    async def _rest(self, request: web.Request) -> web.StreamResponse:
+        path = "/" + request.match_info["tail"]
+        body: Any = None
+        if request.can_read_body:
+            text = await request.text()
+            body = json.loads(text) if text and request.content_type == "application/json" else text or None
+        call = RestCall(request.method, path, dict(request.query), body, time.monotonic())
+        self.calls.append(call)
+        try:
+            # Interaction callbacks and webhooks authenticate with their token in the path, everything else with
+            # the bot token.
+            if (
+                not path.startswith(("/interactions/", "/webhooks/"))
+                and request.headers.get("Authorization") != f"Bot {self.token}"
+            ):
+                return json_response({"message": "401: Unauthorized", "code": 0}, status=401)
+            return await self._answer(call)
+        finally:
+            await self._notify()
+
+    async def _answer(self, call: RestCall) -> web.StreamResponse:
+        method, path, body = call.method, call.path, call.json
+        app = str(self.application_id)
+        if path in ("/gateway", "/gateway/bot"):
+            limit = {"total": 1000, "remaining": 999, "reset_after": 0, "max_concurrency": 1}
+            return json_response({"url": self.gateway_url, "shards": 1, "session_start_limit": limit})
+        if method == "GET" and path == "/users/@me":
+            return json_response(self.bot_user.payload())
+        if method == "GET" and path in ("/oauth2/applications/@me", "/applications/@me"):
+            return json_response(self._application())
+        if match := re.fullmatch(rf"/applications/{app}(?:/guilds/(\d+))?/commands", path):
+            guild_id = int(match[1]) if match[1] else None
+            if method == "PUT":
+                self.commands[guild_id] = [self._registered(command, guild_id) for command in body]
+            if method in ("PUT", "GET"):
+                return json_response(self.commands.get(guild_id, []))
+        if match := re.fullmatch(r"/channels/(\d+)", path):
+            channel_id = int(match[1])
+            if method == "GET" and channel_id in self.channels:
+                return json_response(self.channels[channel_id])
+        if re.fullmatch(r"/channels/(\d+)/typing", path):
+            return web.Response(status=204)
+        if (match := re.fullmatch(r"/channels/(\d+)/messages", path)) and method == "POST":
+            message = self._bot_message(int(match[1]), body)
+            self.created_by[int(message["id"])] = call
+            await self.dispatch("MESSAGE_CREATE", message)
+            return json_response(message)
+        if match := re.fullmatch(r"/channels/(\d+)/messages/(\d+)", path):
+            message = self.messages.get(int(match[2]))
+            if message is not None and method == "GET":
+                return json_response(message)
+            if message is not None and method == "PATCH":
+                self._apply_message_body(message, body)
+                message["edited_timestamp"] = _now_iso()
+                return json_response(message)
+        if match := re.fullmatch(r"/interactions/(\d+)/([^/]+)/callback", path):
+            return self._callback(int(match[1]), match[2], body, call.query)
+        if match := re.fullmatch(rf"/webhooks/{app}/([^/]+)(?:/messages/(@original|\d+))?", path):
+            return self._webhook(method, match[1], match[2], body)
+        return json_response({"message": f"404: Not Found ({method} {path})", "code": 0}, status=404)
+
+    def _registered(self, command: dict[str, Any], guild_id: int | None) -> dict[str, Any]:
+        permissions = command.get("default_member_permissions")
+        return {
+            **command,
+            # Discord answers with the permission bits as a string, whatever type they were sent as.
+            "default_member_permissions": None if permissions is None else str(permissions),
+            "id": str(self.snowflake()),
+            "application_id": str(self.application_id),
+            "version": str(self.snowflake()),
+            **({"guild_id": str(guild_id)} if guild_id is not None else {}),
+        }
+
+    def _callback(self, interaction_id: int, token: str, body: dict[str, Any], query: dict[str, str]) -> web.Response:
+        kind = body.get("type")
+        data = body.get("data") or {}
+        sent = self.interactions[token]
+        interaction = {"id": str(interaction_id), "type": sent["type"]}
+        resource: dict[str, Any] | None = None
+        if kind in (CALLBACK_MESSAGE, CALLBACK_DEFERRED_MESSAGE):
+            message = self._message(int(sent["channel_id"]), self.bot_user, "")
+            self._apply_message_body(message, data)
+            user = (sent.get("member") or sent)["user"]
+            message["interaction_metadata"] = {"id": str(interaction_id), "type": sent["type"], "user": user}
+            if kind == CALLBACK_DEFERRED_MESSAGE:
+                message["flags"] = int(data.get("flags", 0)) | 128  # LOADING
+            self.interaction_messages[token] = message
+            interaction |= {
+                "response_message_id": message["id"],
+                "response_message_loading": kind == CALLBACK_DEFERRED_MESSAGE,
+                "response_message_ephemeral": bool(int(message.get("flags", 0)) & EPHEMERAL_FLAG),
+            }
+            resource = {"type": kind, "message": message}
+        elif kind == CALLBACK_UPDATE:
+            message = sent.get("message")
+            if message is not None:
+                message = self.messages[int(message["id"])]
+                self._apply_message_body(message, data)
+                resource = {"type": kind, "message": message}
+        if query.get("with_response") not in ("1", "true", "True"):
+            return web.Response(status=204)
+        return json_response({"interaction": interaction, **({"resource": resource} if resource else {})})
+
+    def _webhook(self, method: str, token: str, which: str | None, body: dict[str, Any] | None) -> web.Response:
+        if which is None and method == "POST":  # follow-up message
+            message = self._message(int(self.interactions[token]["channel_id"]), self.bot_user, "")
+            self._apply_message_body(message, body or {})
+            self.messages[int(message["id"])] = message
+            return json_response(message)
+        if which == "@original":
+            message = self.interaction_messages.get(token)
+            if message is None:
+                return json_response({"message": "Unknown interaction", "code": 10062}, status=404)
+            if method == "PATCH":
+                self._apply_message_body(message, body or {})
+                message["flags"] = int(message.get("flags", 0)) & ~128
+            return json_response(message)
+        message = self.messages.get(int(which)) if which else None
+        if message is None:
+            return json_response({"message": "Unknown Message", "code": 10008}, status=404)
+        if method == "PATCH":
+            self._apply_message_body(message, body or {})
+        return json_response(message)
+
+
+@asynccontextmanager
+async def running(client: discord.Client, *, timeout_s: float = DEFAULT_TIMEOUT) -> AsyncIterator[discord.Client]:
+    """Start a discord.py client (already pointed at a fake), wait for on_ready, and close it at the end.
+
+    discord.py logs gateway errors and retries instead of raising, so a start that goes wrong shows up here as
+    a timeout rather than a hang.
+    """
+    async with client:
+        task = asyncio.create_task(client.start(BOT_TOKEN))
+        ready = asyncio.create_task(client.wait_until_ready())
+        done, _ = await asyncio.wait({task, ready}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        if ready not in done:
+            ready.cancel()
+            await client.close()
+            if task.done():
+                task.result()  # raises what stopped the client
+            task.cancel()
+            raise AssertionError(f"the client was not ready within {timeout_s}s")
+        try:
+            yield client
+        finally:
+            await client.close()
+            await asyncio.wait_for(task, timeout_s)
