@@ -25,7 +25,10 @@ REPLY_LOGGER = "llamacord.reply"
 _RECORD_ATTRIBUTES = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
 _BARE_VALUE = re.compile(r'[^\s="\\]+')
 # Libraries that log every HTTP request at INFO (huggingface_hub's downloads go through httpx).
-_CHATTY_LOGGERS = ("httpx",)
+_CHATTY_LOGGERS = ("httpx", "ContinuousBatchingLogger")
+# transformers' continuous batching gives its logger a handler of its own and stops propagation; we take it back so
+# its lines come out in our format and at our level.
+_OWN_HANDLER_LOGGERS = ("ContinuousBatchingLogger",)
 
 
 class LogfmtFormatter(logging.Formatter):
@@ -76,6 +79,11 @@ def configure_logging(level: str, stream: TextIO | None = None) -> None:
     root.addHandler(handler)
     root.setLevel(level)
     quiet = logging.NOTSET if root.level <= logging.DEBUG else max(root.level, logging.WARNING)
+    for name in _OWN_HANDLER_LOGGERS:
+        own = logging.getLogger(name)
+        for foreign in list(own.handlers):
+            own.removeHandler(foreign)
+        own.propagate = True
     for name in _CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(quiet)
 

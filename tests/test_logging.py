@@ -168,3 +168,14 @@ def test_extra_fields_cannot_overwrite_the_core_ones() -> None:
 
     fields = parse_line(LogfmtFormatter().format(record))
     assert fields["level"] == "info"
+
+
+def test_continuous_batching_logs_come_out_in_our_format_and_level(captured: io.StringIO) -> None:
+    from transformers.generation.continuous_batching.utils import logger as cb_logger
+
+    cb_logger.info("Paged cache initialized")
+    cb_logger.warning("cache nearly full")
+
+    assert [(line["logger"], line["msg"]) for line in lines(captured)] == [
+        ("ContinuousBatchingLogger", "cache nearly full")
+    ]
