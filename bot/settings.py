@@ -14,8 +14,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "meta-llama/Llama-3.2-1B-Instruct"
 DEFAULT_SYSTEM_PROMPT = (
-    "You are Llamacord, a helpful assistant in a Discord server. "
-    "User messages start with the speaker's name. Answer concisely and use Discord markdown."
+    "You are Llamacord, a helpful assistant chatting on Discord. Each user message begins with the "
+    "speaker's name and a colon. Reply directly, without a name in front. Be concise; Discord markdown works."
 )
 
 
