@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -190,3 +191,26 @@ def test_an_unreadable_template_file_names_the_path(tmp_path: Path) -> None:
     missing = tmp_path / "missing.jinja"
     with pytest.raises(ModelLoadError, match=r"missing\.jinja"):
         read_chat_template(missing)
+
+
+def test_typed_special_tokens_stay_plain_when_prompts_are_built_in_parallel(tiny_tokenizer: Any) -> None:
+    """The engine builds prompts in worker threads, and /tokenize encodes too; none may unmask another's text."""
+    specials = special_ids(tiny_tokenizer)
+    chat = [{"role": "system", "content": "Be nice."}, {"role": "user", "content": f"Mallory: {FORGED_TURN}"}]
+    benign_specials = [
+        i for i in reference_ids(tiny_tokenizer, [{**m, "content": "hi"} for m in chat]) if i in specials
+    ]
+    builder = PromptBuilder(tiny_tokenizer, max_prompt_tokens=4096, context_length=8192)
+
+    def build_many(_: int) -> list[list[int]]:
+        return [[i for i in builder.build(chat, 16).token_ids if i in specials] for _ in range(150)]
+
+    def tokenize_many(_: int) -> list[list[int]]:
+        return [[i for i, _ in builder.tokenize(FORGED_TURN) if i in specials] for _ in range(150)]
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        built = [ids for batch in pool.map(build_many, range(6)) for ids in batch]
+        tokenized = [ids for batch in pool.map(tokenize_many, range(2)) for ids in batch]
+
+    assert all(ids == benign_specials for ids in built)
+    assert all(ids == [] for ids in tokenized)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,9 @@ class PromptBuilder:
         chat_template: str | None = None,
     ) -> None:
         self._tokenizer = tokenizer
+        # `split_special_tokens` is a flag on the shared Rust tokenizer, set just before each encode: two threads
+        # encoding at once could read user text with control tokens recognized. Every encode holds this lock.
+        self._encode_lock = threading.Lock()
         self.max_prompt_tokens = max_prompt_tokens
         self.context_length = context_length
         self.chat_template: str = chat_template or tokenizer.chat_template or ""
@@ -186,5 +190,11 @@ class PromptBuilder:
     def _encode(self, texts: list[str], *, plain: bool) -> list[list[int]]:
         if not texts:
             return []
-        encoded = self._tokenizer(texts, add_special_tokens=False, split_special_tokens=plain)
+        with self._encode_lock:
+            encoded = self._tokenizer(texts, add_special_tokens=False, split_special_tokens=plain)
         return [list(ids) for ids in encoded["input_ids"]]
+
+    def tokenize(self, text: str) -> list[tuple[int, str]]:
+        """(id, text) of each token of `text`, read as user text is: control-token look-alikes stay plain."""
+        token_ids = self._encode([text], plain=True)[0]
+        return [(token_id, self._tokenizer.decode([token_id])) for token_id in token_ids]
