@@ -1,8 +1,8 @@
-"""`llamacord run`: open the store, load the engine, connect to Discord, and close all three on the way out.
+"""`llamacord run`: open the store, serve metrics, load the engine, connect to Discord, and close them all at exit.
 
 Every failure a user can fix at start-up (no token, a rejected token, the Message Content intent not enabled, a
-bad database file, a model that cannot load) ends the process with a message that says what to do, not a
-traceback. SIGTERM (docker stop, systemd) shuts down as cleanly as Ctrl-C: the engine and the store are closed.
+bad database file, a metrics port in use, a model that cannot load) ends the process with a message that says what
+to do, not a traceback. SIGTERM (docker stop, systemd) shuts down as cleanly as Ctrl-C: everything is closed.
 """
 
 from __future__ import annotations
@@ -11,14 +11,15 @@ import asyncio
 import logging
 import signal
 import sys
-from contextlib import suppress
+from contextlib import AsyncExitStack, suppress
 
 import discord
 
-from bot.client import LlamacordBot
-from bot.engine.backend import create_engine
+from bot.client import LlamacordBot, create_bot
+from bot.engine.backend import Engine, create_engine
 from bot.engine.errors import ModelLoadError
 from bot.logs import configure_logging
+from bot.metrics import Metrics, MetricsServer
 from bot.settings import Settings
 from storage import Store, StoreError
 
@@ -42,6 +43,7 @@ def run_bot(settings: Settings) -> None:
     """Run the bot until Ctrl-C or SIGTERM; exit with a clear message on a start-up problem."""
     if settings.discord_token is None or not settings.discord_token.get_secret_value().strip():
         sys.exit(NO_TOKEN)
+    # Before anything logs. Ours is the only handler: discord.py installs its own only in `Client.run`, not used here.
     configure_logging(settings.log_level)
     # SIGTERM (docker stop, systemd) as Ctrl-C: asyncio.run then cancels `serve`, whose cleanup runs.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -50,26 +52,47 @@ def run_bot(settings: Settings) -> None:
 
 
 async def serve(settings: Settings) -> None:
-    """Store, engine and bot, opened in that order and closed in reverse, whatever happens in between."""
+    """Store, metrics server, engine and bot, opened in that order and closed in reverse, whatever happens.
+
+    The metrics server starts before the model loads, so /healthz answers 503 while it does.
+    """
     assert settings.discord_token is not None
-    try:
-        store = await Store.open(settings.database_path)
-    except StoreError as error:
-        raise SystemExit(f"Cannot use the database: {error}") from None
-    try:
+    metrics = Metrics()
+    engine: Engine | None = None
+    bot: LlamacordBot | None = None
+    async with AsyncExitStack() as stack:
+        try:
+            store = await Store.open(settings.database_path)
+        except StoreError as error:
+            raise SystemExit(f"Cannot use the database: {error}") from None
+        stack.callback(log.info, "stopped")
+        stack.push_async_callback(store.close)
+        if settings.metrics_port is not None:
+            server = MetricsServer(
+                metrics,
+                host=settings.metrics_host,
+                port=settings.metrics_port,
+                gateway_connected=lambda: bot is not None and bot.gateway_connected(),
+                engine_alive=lambda: engine is not None and engine.is_alive,
+            )
+            try:
+                await server.start()
+            except OSError as error:
+                raise SystemExit(
+                    f"Cannot serve metrics on {settings.metrics_host}:{settings.metrics_port}: {error}. "
+                    "Free the port or set another METRICS_PORT."
+                ) from None
+            stack.push_async_callback(server.close)
         try:
             engine = await create_engine(settings)
         except ModelLoadError as error:
             raise SystemExit(f"Cannot load the model: {error}") from None
+        stack.push_async_callback(engine.shutdown)
+        metrics.watch_engine(engine.stats)
+        bot = await stack.enter_async_context(create_bot(settings, store, engine, metrics=metrics))
         try:
-            async with LlamacordBot(settings, store, engine) as bot:
-                await bot.start(settings.discord_token.get_secret_value())
+            await bot.start(settings.discord_token.get_secret_value())
         except discord.LoginFailure:
             raise SystemExit(BAD_TOKEN) from None
         except discord.PrivilegedIntentsRequired:
             raise SystemExit(NO_INTENT) from None
-        finally:
-            await engine.shutdown()
-    finally:
-        await store.close()
-        log.info("stopped")

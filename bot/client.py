@@ -1,5 +1,9 @@
-"""`LlamacordBot`: the discord.py client. It holds the settings, store and engine (passed in, so tests can hand it
-a tiny engine and a temporary store) and the per-channel locks, loads the cogs and syncs the slash commands."""
+"""`LlamacordBot`: the discord.py client. It holds the settings, store, engine and metrics (passed in, so tests can
+hand it a tiny engine and a temporary store) and the per-channel locks, loads the cogs and syncs the slash commands.
+
+`create_bot` picks the class from SHARD_COUNT: `LlamacordBot` (one gateway connection) or `ShardedLlamacordBot`,
+the same bot on discord.py's `AutoShardedBot`, which runs several shards over one connection each in this process.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from bot.cogs.admin import AdminCog
 from bot.cogs.chat import ChatCog
 from bot.cogs.info import InfoCog
 from bot.engine.errors import EngineError
+from bot.metrics import Metrics
 from bot.settings import Settings
 from storage import Store
 
@@ -34,8 +39,9 @@ def use_discord_endpoints(api_base_url: str, gateway_url: str) -> None:
 
     discord.py has no per-client option for either. Every REST route, the interaction webhooks included, is built
     from the class attribute `Route.BASE` (discord.py itself rewrites it to change the API version), and a
-    non-sharded client opens `DiscordWebSocket.DEFAULT_GATEWAY` (READY then supplies the URL for resuming). Both
-    are process-wide, so one process serves one Discord endpoint: the bot sets them when it is created.
+    client opens `DiscordWebSocket.DEFAULT_GATEWAY` (READY then supplies the URL for resuming; a sharded one would
+    ask `GET /gateway/bot` for a URL, which `ShardedLlamacordBot` prevents). Both are process-wide, so one process
+    serves one Discord endpoint: the bot sets them when it is created.
     """
     discord.http.Route.BASE = api_base_url.rstrip("/")
     discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(gateway_url)
@@ -45,7 +51,9 @@ class LlamacordBot(commands.Bot):
     """Slash commands and chat over one engine and one store. `options` go to `commands.Bot` (tests lower
     `guild_ready_timeout`, which otherwise delays `on_ready` by two seconds)."""
 
-    def __init__(self, settings: Settings, store: Store, engine: Engine, **options: Any) -> None:
+    def __init__(
+        self, settings: Settings, store: Store, engine: Engine, *, metrics: Metrics | None = None, **options: Any
+    ) -> None:
         intents = discord.Intents.none()
         intents.guilds = True
         intents.guild_messages = True
@@ -63,6 +71,7 @@ class LlamacordBot(commands.Bot):
         self.settings = settings
         self.store = store
         self.engine = engine
+        self.metrics = metrics if metrics is not None else Metrics()
         self._channel_locks: weakref.WeakValueDictionary[int, asyncio.Lock] = weakref.WeakValueDictionary()
         self.tree.error(self._on_app_command_error)
 
@@ -87,6 +96,10 @@ class LlamacordBot(commands.Bot):
             self.tree.copy_global_to(guild=guild)
             synced = await self.tree.sync(guild=guild)
             log.info("synced %d slash commands to guild %s", len(synced), guild.id)
+
+    def gateway_connected(self) -> bool:
+        """Ready and the gateway websocket open (false while it reconnects): /healthz reports it."""
+        return self.is_ready() and not self.is_closed() and self.ws is not None and self.ws.open
 
     async def on_ready(self) -> None:
         log.info(
@@ -115,3 +128,35 @@ class LlamacordBot(commands.Bot):
             await respond(interaction, text, ephemeral=True)
         except discord.HTTPException:
             log.warning("could not tell user %s that /%s failed", interaction.user.id, name, exc_info=True)
+
+
+class ShardedLlamacordBot(LlamacordBot, commands.AutoShardedBot):
+    """The same bot on `AutoShardedBot` (a drop-in subclass of `Bot`): SHARD_COUNT shards, or the count Discord
+    recommends for SHARD_COUNT=auto, of which this process runs SHARD_IDS (default: all)."""
+
+    def __init__(self, settings: Settings, store: Store, engine: Engine, **options: Any) -> None:
+        count = settings.shard_count if isinstance(settings.shard_count, int) else None  # None: ask Discord
+        super().__init__(settings, store, engine, shard_count=count, shard_ids=settings.shard_ids, **options)
+
+    async def launch_shards(self) -> None:
+        # Without a count, discord.py takes both the count and the URL from GET /gateway/bot. Take the count only,
+        # so that DISCORD_GATEWAY_URL (set as DEFAULT_GATEWAY) applies as it does to one connection.
+        if self.shard_count is None:
+            self.shard_count, _, _ = await self.http.get_bot_gateway()
+            log.info("Discord recommends %d shards", self.shard_count)
+        await super().launch_shards()
+
+    def gateway_connected(self) -> bool:
+        """Ready and every shard of this process connected."""
+        shards = self.shards.values()
+        return self.is_ready() and not self.is_closed() and bool(shards) and not any(s.is_closed() for s in shards)
+
+    async def on_ready(self) -> None:
+        await super().on_ready()
+        log.info("running shards %s of %s", sorted(self.shards), self.shard_count)
+
+
+def create_bot(settings: Settings, store: Store, engine: Engine, **options: Any) -> LlamacordBot:
+    """The bot SHARD_COUNT asks for: one gateway connection when it is unset, else sharded."""
+    bot_class = LlamacordBot if settings.shard_count is None else ShardedLlamacordBot
+    return bot_class(settings, store, engine, **options)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import AsyncIterator
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from bot.cogs.chat import BUSY_TEXT, STOP_BUTTON_ID, STOP_DENIED
 from bot.engine.errors import GenerationError
 from bot.engine.executor import AsyncEngine, FinishReason
 from bot.engine.sampling import SamplingParams
+from bot.metrics import ErrorKind, ReplyOutcome
 from bot.settings import DEFAULT_SYSTEM_PROMPT
 from storage import ReplyMode, Role
 from tests.bot_harness import (
@@ -27,6 +29,7 @@ from tests.bot_harness import (
     ScriptedEngine,
     ScriptedStream,
     bot_settings,
+    eventually,
     has_no_pings,
     lively_engine,
     message_bodies,
@@ -70,6 +73,30 @@ def assert_no_pings(fake: FakeDiscord) -> None:
     assert bodies, "the bot posted nothing"
     for path, body in bodies:
         assert has_no_pings(body), f"{path} was sent without allowed_mentions that forbid every ping: {body}"
+
+
+def counted(bot: LlamacordBot, metric: str, label: str, values: type[StrEnum]) -> dict[str, float]:
+    samples = {value: bot.metrics.registry.get_sample_value(metric, {label: value}) for value in values}
+    return {str(value): count for value, count in samples.items() if count}
+
+
+def replies_counted(bot: LlamacordBot) -> dict[str, float]:
+    """The bot's nonzero `llamacord_replies_total` by outcome."""
+    return counted(bot, "llamacord_replies_total", "outcome", ReplyOutcome)
+
+
+def errors_counted(bot: LlamacordBot) -> dict[str, float]:
+    """The bot's nonzero `llamacord_errors_total` by kind."""
+    return counted(bot, "llamacord_errors_total", "kind", ErrorKind)
+
+
+async def counts_settle(bot: LlamacordBot, expected: dict[str, float]) -> None:
+    """Wait for the replies counted by outcome to be `expected` (a reply is counted just after it is stored)."""
+
+    async def settled() -> bool:
+        return replies_counted(bot) == expected
+
+    await eventually(settled, what=f"replies counted as {expected}, not {replies_counted(bot)}")
 
 
 def fence_lines(text: str) -> list[str]:
@@ -262,6 +289,8 @@ async def test_a_full_engine_gets_a_short_busy_answer(fake: FakeDiscord, tiny_mo
             await blocker.cancel()  # the slot is free again: the next message gets a real reply
             again = await fake.send_message(fake.alice, "and now?", mention_bot=True)
             await wait_for_reply(fake, bot.store, again)
+            await counts_settle(bot, {"busy": 1, "completed": 1})
+    assert errors_counted(bot) == {"busy": 1}
     assert_no_pings(fake)
 
 
@@ -292,6 +321,7 @@ async def test_generation_error_gets_a_short_reply_and_the_bot_goes_on(
         assert not any(m.get("components") for m in fake.bot_messages(fake.general_id))
         history = await bot.store.load_history(fake.general_id, 10)
         assert [m.role for m in history] == [Role.USER]
+        assert replies_counted(bot) == {"failed": 1} and errors_counted(bot) == {"generation": 1}
         bot.engine = RecordingEngine(tiny_engine)
         again = await fake.send_message(fake.alice, "try again", mention_bot=True)
         await wait_for_reply(fake, bot.store, again)
@@ -325,6 +355,7 @@ async def test_stop_button_stops_the_reply_for_the_asker_or_a_moderator_only(
             assert not any(m.get("components") for m in posted), "the Stop button stayed"
             # What was shown is kept as the bot's (partial) answer, so the history matches the channel.
             assert stored.content.strip() and stored.content.strip()[:40] in posted[0]["content"]
+        await counts_settle(bot, {"cancelled": 2})
 
 
 async def test_cooldown_keeps_one_user_from_flooding(

@@ -344,6 +344,7 @@ async def test_the_engine_recovers_after_a_failure_in_generation(
         after = engine.generate(prompts[2], GREEDY)
         await collect(after)
         assert engine.stats().running + engine.stats().waiting == 0
+        assert engine.is_alive, "the restarted generation loop should count as alive"
 
     assert failures == 1
     assert after.token_ids == expected
@@ -354,9 +355,11 @@ async def test_shutdown_fails_pending_requests_and_stops_the_thread(
 ) -> None:
     with no_eos(model):
         engine = AsyncEngine(model, tokenizer, max_batch_size=1, max_queued_requests=1, max_sequence_tokens=1024)
+        assert not engine.is_alive, "not started yet"
         async with asyncio.timeout(TIMEOUT_S):
             await engine.start()
         assert len(generation_threads()) == 1
+        assert engine.is_alive
         running_stream = engine.generate(prompts[0], SamplingParams(0, 1.0, 900))
         waiting_stream = engine.generate(prompts[1], SamplingParams(0, 1.0, 900))
         running_deltas = await read_until(running_stream, 3)
@@ -370,6 +373,7 @@ async def test_shutdown_fails_pending_requests_and_stops_the_thread(
                     pass
     assert running_stream.metrics.finish_reason == waiting_stream.metrics.finish_reason == FinishReason.ERROR
     assert generation_threads() == []
+    assert not engine.is_alive
     with pytest.raises(EngineError):
         engine.generate(prompts[0], GREEDY)
 

@@ -173,7 +173,9 @@ async def test_shutdown_fails_streams_in_flight_and_closes_them(server: OpenAISe
         prompt = await engine.prepare(CHAT, SHORT.max_new_tokens)
         stream = engine.generate(prompt, ENDLESS)
         _, deltas = await first_delta(stream)
+        assert engine.is_alive
         await asyncio.wait_for(engine.shutdown(), WAIT_S)
+        assert not engine.is_alive
         with pytest.raises(GenerationError, match="shutting down"):
             await asyncio.wait_for(_drain(deltas), 2.0)
         with pytest.raises(EngineError):

@@ -8,6 +8,10 @@ in the engine's queue, which batches them together.
 A reply streams: typing while the prompt is processed, the first message as soon as the first token arrives, then
 at most one edit per EDIT_INTERVAL_SECONDS. Past 2,000 characters it continues in new messages (see
 `bot/replies.py`). The newest message carries a Stop button until the reply is done.
+
+Every message the bot sets out to answer is counted once in the metrics by how its reply ended, every failure
+once by its kind, and each request the engine accepted logs one line (`bot.logs.log_reply`: ids and numbers,
+never text).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import discord
@@ -27,11 +32,14 @@ from bot.cogs import ChannelConfig
 from bot.conversation import build_chat
 from bot.engine.errors import EngineBusyError, EngineError
 from bot.engine.sampling import SamplingParams
+from bot.logs import log_reply
+from bot.metrics import ErrorKind, ReplyOutcome
 from bot.replies import EditThrottle, plan_messages, split_message
 from storage import ReplyMode, Role
 
 if TYPE_CHECKING:
     from bot.client import LlamacordBot
+    from bot.engine.backend import TextStream
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +55,17 @@ COOLDOWN_TEXT = "Slow down a little: you can ask me again in {seconds:.0f} s."
 COOLDOWN_TABLE_SIZE = 1024
 # Only ordinary messages and replies are conversation; joins, pins, boosts and the like are not.
 CONVERSATION_TYPES = (discord.MessageType.default, discord.MessageType.reply)
+
+
+def error_kind(error: Exception) -> ErrorKind:
+    """The `kind` label an error is counted under."""
+    if isinstance(error, EngineBusyError):
+        return ErrorKind.BUSY
+    if isinstance(error, EngineError):
+        return ErrorKind.GENERATION
+    if isinstance(error, discord.HTTPException):
+        return ErrorKind.DISCORD
+    return ErrorKind.INTERNAL
 
 
 def prompt_text(message: discord.Message, me: discord.abc.User) -> str:
@@ -141,6 +160,14 @@ class ReplyWriter:
             self.button = None
 
 
+@dataclass(slots=True)
+class _ReplyRecord:
+    """How one reply is going: its stream once the engine accepted it, and its outcome (failed until it ends)."""
+
+    stream: TextStream | None = None
+    outcome: ReplyOutcome = ReplyOutcome.FAILED
+
+
 class ChatCog(commands.Cog):
     """Answers messages: mentions and replies to the bot in guild channels and threads, every message in DMs,
     and every message in channels whose reply mode is "all"."""
@@ -160,6 +187,7 @@ class ChatCog(commands.Cog):
                 return
             await self._answer(message)
         except Exception as error:
+            self.bot.metrics.count_error(error_kind(error))
             log.exception("answering message %s in channel %s failed", message.id, message.channel.id)
             text = f"Sorry: {error}" if isinstance(error, EngineError) and str(error) else ERROR_TEXT
             with suppress(discord.HTTPException):
@@ -207,80 +235,87 @@ class ChatCog(commands.Cog):
         return 0.0
 
     async def _answer(self, message: discord.Message) -> None:
+        """Answer under the channel's lock, and record how the reply ended, whatever happens (errors propagate)."""
+        async with self.bot.channel_lock(message.channel.id):
+            reply = _ReplyRecord()
+            try:
+                await self._answer_locked(message, reply)
+            finally:
+                self._record(message.channel.id, reply)
+
+    async def _answer_locked(self, message: discord.Message, reply: _ReplyRecord) -> None:
         bot, store, channel_id = self.bot, self.bot.store, message.channel.id
         assert bot.user is not None
-        async with bot.channel_lock(channel_id):
-            config = ChannelConfig.resolve(bot.settings, await store.get_channel_settings(channel_id))
+        config = ChannelConfig.resolve(bot.settings, await store.get_channel_settings(channel_id))
+        await store.append_message(
+            channel_id,
+            Role.USER,
+            prompt_text(message, bot.user),
+            author_id=message.author.id,
+            author_name=message.author.display_name,
+            message_id=message.id,
+        )
+        history = await store.load_history(channel_id, bot.settings.history_limit)
+        sampling = SamplingParams(
+            temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens
+        )
+        async with message.channel.typing():  # while the prompt is processed, until the first token
+            prompt = await bot.engine.prepare(build_chat(config.system_prompt, history), config.max_new_tokens)
+            try:
+                stream = reply.stream = bot.engine.generate(prompt, sampling)
+            except EngineBusyError:
+                reply.outcome = ReplyOutcome.BUSY
+                bot.metrics.count_error(ErrorKind.BUSY)
+                log.info("engine busy: told user %s in channel %s to retry", message.author.id, channel_id)
+                await self._reply_short(message, BUSY_TEXT)
+                return
+            deltas = aiter(stream)
+            first = await anext(deltas, None)
+
+        stopped = False
+
+        async def stop() -> None:
+            nonlocal stopped
+            stopped = True
+            await stream.cancel()
+
+        writer = ReplyWriter(message, lambda: StopButton(message.author.id, stop), bot.settings.edit_interval_seconds)
+        text = first or ""
+        try:
+            if first is not None:
+                await writer.show(text, final=False)
+                async for delta in deltas:
+                    if stopped:  # tokens generated before the abort may still be queued: drop them
+                        break
+                    text += delta
+                    if writer.throttle.ready():
+                        await writer.show(text, final=False)
+            cut_short = stopped  # a press after the last token changes nothing
+            await asyncio.sleep(writer.throttle.delay())
+            await writer.show(text + STOPPED_NOTE if cut_short else text, final=True)
+        except Exception:
+            with suppress(discord.HTTPException):  # take the Stop button off what was posted
+                await writer.show(text, final=True)
+            raise
+        finally:
+            writer.stop_button()
+            await stream.cancel()  # a no-op after a finished generation; frees the slot after a failure
+        reply.outcome = ReplyOutcome.CANCELLED if cut_short else ReplyOutcome.COMPLETED
+        if text.strip():
             await store.append_message(
                 channel_id,
-                Role.USER,
-                prompt_text(message, bot.user),
-                author_id=message.author.id,
-                author_name=message.author.display_name,
-                message_id=message.id,
+                Role.ASSISTANT,
+                text,
+                author_id=bot.user.id,
+                author_name=bot.user.display_name,
+                message_id=writer.messages[0].id,
             )
-            history = await store.load_history(channel_id, bot.settings.history_limit)
-            sampling = SamplingParams(
-                temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens
-            )
-            async with message.channel.typing():  # while the prompt is processed, until the first token
-                prompt = await bot.engine.prepare(build_chat(config.system_prompt, history), config.max_new_tokens)
-                try:
-                    stream = bot.engine.generate(prompt, sampling)
-                except EngineBusyError:
-                    log.info("engine busy: told user %s in channel %s to retry", message.author.id, channel_id)
-                    await self._reply_short(message, BUSY_TEXT)
-                    return
-                deltas = aiter(stream)
-                first = await anext(deltas, None)
 
-            stopped = False
-
-            async def stop() -> None:
-                nonlocal stopped
-                stopped = True
-                await stream.cancel()
-
-            writer = ReplyWriter(
-                message, lambda: StopButton(message.author.id, stop), bot.settings.edit_interval_seconds
-            )
-            text = first or ""
-            try:
-                if first is not None:
-                    await writer.show(text, final=False)
-                    async for delta in deltas:
-                        if stopped:  # tokens generated before the abort may still be queued: drop them
-                            break
-                        text += delta
-                        if writer.throttle.ready():
-                            await writer.show(text, final=False)
-                cut_short = stopped  # a press after the last token changes nothing
-                await asyncio.sleep(writer.throttle.delay())
-                await writer.show(text + STOPPED_NOTE if cut_short else text, final=True)
-            except Exception:
-                with suppress(discord.HTTPException):  # take the Stop button off what was posted
-                    await writer.show(text, final=True)
-                raise
-            finally:
-                writer.stop_button()
-                await stream.cancel()  # a no-op after a finished generation; frees the slot after a failure
-            if text.strip():
-                await store.append_message(
-                    channel_id,
-                    Role.ASSISTANT,
-                    text,
-                    author_id=bot.user.id,
-                    author_name=bot.user.display_name,
-                    message_id=writer.messages[0].id,
-                )
-            log.info(
-                "replied to message %s in channel %s: %d characters in %d messages%s",
-                message.id,
-                channel_id,
-                len(text),
-                len(writer.messages),
-                " (stopped)" if cut_short else "",
-            )
+    def _record(self, channel_id: int, reply: _ReplyRecord) -> None:
+        request = reply.stream.metrics if reply.stream is not None else None
+        self.bot.metrics.observe_reply(reply.outcome, request)
+        if request is not None:
+            log_reply(channel_id, request, reply.outcome)
 
     async def _reply_short(self, message: discord.Message, text: str) -> None:
         await message.channel.send(

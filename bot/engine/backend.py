@@ -47,6 +47,9 @@ class Engine(Protocol):
     @property
     def info(self) -> EngineInfo: ...
 
+    @property
+    def is_alive(self) -> bool: ...  # can still generate (not shut down); /healthz reports it
+
     async def prepare(self, messages: Sequence[dict[str, str]], max_new_tokens: int) -> Prompt: ...
 
     def generate(self, prompt: Prompt, params: SamplingParams) -> TextStream: ...

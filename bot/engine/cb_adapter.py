@@ -180,6 +180,12 @@ class ContinuousBatcher:
         if self._manager is not None:
             self._manager.stop(block=True, hard_stop=True)
 
+    @property
+    def running(self) -> bool:
+        """Whether the generation thread runs (or is being restarted after a failure) and `stop` was not called."""
+        manager = self._manager
+        return not self._closing and manager is not None and (self._restart_thread is not None or manager.is_running())
+
     def _require_manager(self) -> ContinuousBatchingManager:
         if self._manager is None:
             raise RuntimeError("ContinuousBatcher.start() has not been called")

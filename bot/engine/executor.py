@@ -261,6 +261,11 @@ class AsyncEngine:
         return self._info
 
     @property
+    def is_alive(self) -> bool:
+        """Started, not shut down, and its generation thread running: what /healthz reports as engine_alive."""
+        return self._state == "running" and self._batcher.running
+
+    @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
         return self._tokenizer
 

@@ -248,6 +248,11 @@ class RemoteEngine:
     def info(self) -> RemoteModelInfo:
         return self._info
 
+    @property
+    def is_alive(self) -> bool:
+        """True until shutdown: a server that is down is the server's health, not the bot's."""
+        return self._running
+
     def stats(self) -> EngineStats:
         running = sum(1 for stream in self._streams.values() if stream.sent)
         return EngineStats(
