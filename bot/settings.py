@@ -7,10 +7,10 @@ so a new setting cannot ship undocumented.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_MODEL = "meta-llama/Llama-3.2-1B-Instruct"
 DEFAULT_SYSTEM_PROMPT = (
@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     dev_guild_id: int | None = None
     user_cooldown_seconds: float = Field(default=0.0, ge=0)
     edit_interval_seconds: float = Field(default=1.0, gt=0)
+    # Sharding: None is one gateway connection; a number or "auto" runs discord.py's AutoShardedBot.
+    shard_count: int | Literal["auto"] | None = None
+    shard_ids: Annotated[list[int] | None, NoDecode] = None  # "0,1" in the environment
 
     # Storage
     database_path: Path = Path("llamacord.sqlite3")
@@ -104,6 +107,48 @@ class Settings(BaseSettings):
         if value.startswith(("ws://", "wss://")):
             return value
         raise ValueError("must be a ws:// or wss:// URL, such as wss://gateway.discord.gg")
+
+    @field_validator("shard_count", mode="before")
+    @classmethod
+    def _parse_shard_count(cls, value: object) -> object:
+        # One message for every bad value, rather than pydantic's one per member of the union.
+        if value is None:
+            return None
+        text = str(value).strip().lower()
+        if text == "auto":
+            return text
+        if text.isdigit() and int(text) >= 1:
+            return int(text)
+        raise ValueError("must be a number of shards (1 or more), or auto for Discord's recommendation")
+
+    @field_validator("shard_ids", mode="before")
+    @classmethod
+    def _parse_shard_ids(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        parts = [part.strip() for part in value.split(",") if part.strip()]
+        if not all(part.isdigit() for part in parts):
+            raise ValueError("must be comma-separated shard ids, such as 0,1")
+        return [int(part) for part in parts]
+
+    @field_validator("shard_ids")
+    @classmethod
+    def _check_shard_ids(cls, value: list[int] | None, info: ValidationInfo) -> list[int] | None:
+        if value is None or "shard_count" not in info.data:  # unset, or SHARD_COUNT is already reported as bad
+            return value
+        count = info.data["shard_count"]
+        if not isinstance(count, int):
+            raise ValueError("needs SHARD_COUNT set to the total number of shards (a number, not auto or empty)")
+        if not value:
+            raise ValueError("lists no shard ids; leave it empty to run every shard")
+        for shard_id in value:
+            if not 0 <= shard_id < count:
+                raise ValueError(
+                    f"shard {shard_id} is out of range: with SHARD_COUNT={count} the ids are 0 to {count - 1}"
+                )
+        if len(set(value)) != len(value):
+            raise ValueError("lists a shard id twice")
+        return value
 
     @field_validator("database_path", "model_cache_dir", "chat_template_path")
     @classmethod

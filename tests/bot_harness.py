@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from bot.client import LlamacordBot
-from bot.engine.executor import AsyncEngine
+from bot.client import LlamacordBot, create_bot
+from bot.engine.executor import AsyncEngine, RequestMetrics
 from bot.settings import Settings
 from storage import Store, StoredMessage
 from tests.fake_discord import BOT_TOKEN, DEFAULT_TIMEOUT, FakeDiscord, running
@@ -114,6 +114,7 @@ class ScriptedStream:
         self.text, self.piece, self.pause_s = text, piece, pause_s
         self.cancelled = False
         self.yielded = 0  # characters handed out so far
+        self.metrics = RequestMetrics()  # what the bot records for the reply; no tokens, no timings
 
     def __aiter__(self) -> AsyncIterator[str]:
         return self._deltas()
@@ -143,10 +144,11 @@ class ScriptedEngine(RecordingEngine):
 
 
 @asynccontextmanager
-async def running_bot(settings: Settings, engine: Any) -> AsyncIterator[LlamacordBot]:
-    """The bot on its own store (settings.database_path), connected to the fake and ready."""
+async def running_bot(settings: Settings, engine: Any, **options: Any) -> AsyncIterator[LlamacordBot]:
+    """The bot SHARD_COUNT asks for, on its own store (settings.database_path), connected to the fake and ready.
+    `options` go to the bot (`metrics=`, say)."""
     async with Store.open(settings.database_path) as store:
-        bot = LlamacordBot(settings, store, engine, guild_ready_timeout=0.05)
+        bot = create_bot(settings, store, engine, guild_ready_timeout=0.05, **options)
         async with running(bot):
             yield bot
 

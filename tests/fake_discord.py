@@ -9,6 +9,9 @@ One aiohttp app serves both halves on a random port:
   a thread, the bot's member), heartbeat ACKs; tests push MESSAGE_CREATE and INTERACTION_CREATE with
   `send_message`, `slash` and `press_button`. Messages the bot posts come back to it as MESSAGE_CREATE, as on
   Discord, so "the bot ignores itself" is exercised for real.
+- Sharding as Discord does it: an IDENTIFY with `shard: [id, count]` gets READY and GUILD_CREATE for the guilds of
+  that shard only (`(guild_id >> 22) % count == id`), and each event goes to the shard of its guild (direct
+  messages to shard 0). `add_guild` adds guilds, placed on a chosen shard if the test wants.
 
 Permissions are the test's to choose: a `FakeUser` has role ids (the moderator role carries Manage Guild and
 Manage Messages), and an interaction's `member.permissions` is computed from them unless the test passes its own.
@@ -141,6 +144,7 @@ class FakeDiscord:
     def __init__(self) -> None:
         self._ids = itertools.count(1)
         self.guild_id = self.snowflake()
+        self.guilds: dict[int, str] = {self.guild_id: "Llama Farm"}  # every guild the bot is in, by id: its name
         self.bot_user = FakeUser(self.snowflake(), "llamacord", bot=True)
         self.application_id = self.bot_user.id
         self.moderator_role_id = self.snowflake()
@@ -172,8 +176,10 @@ class FakeDiscord:
         self.interaction_messages: dict[str, dict[str, Any]] = {}  # @original response message by token
         self.ready_count = 0  # READY payloads sent (one per IDENTIFY)
         self.token = BOT_TOKEN  # the only token REST calls and IDENTIFY are accepted with
+        self.recommended_shards = 1  # what GET /gateway/bot recommends
+        self.advertised_gateway_url: str | None = None  # the URL GET /gateway/bot gives (None: this server's)
 
-        self._sockets: set[web.WebSocketResponse] = set()
+        self._sockets: dict[web.WebSocketResponse, tuple[int, int] | None] = {}  # identified ones: [id, count]
         self._sequence = 0
         self._changed = asyncio.Condition()
         self._runner: web.AppRunner | None = None
@@ -213,9 +219,34 @@ class FakeDiscord:
     def gateway_url(self) -> str:
         return f"ws://127.0.0.1:{self.port}/gateway"
 
-    def snowflake(self) -> int:
-        """A new id shaped like Discord's: the time in the high bits, a counter in the low ones."""
-        return ((int(time.time() * 1000) - DISCORD_EPOCH_MS) << 22) | (next(self._ids) & 0x3FFFFF)
+    def snowflake(self, *, shard: tuple[int, int] | None = None) -> int:
+        """A new id shaped like Discord's: the time in the high bits, a counter in the low ones. With `shard`
+        ([id, count]), a guild id on that shard: the time is moved back by under `count` milliseconds."""
+        elapsed_ms = int(time.time() * 1000) - DISCORD_EPOCH_MS
+        if shard is not None:
+            elapsed_ms -= (elapsed_ms - shard[0]) % shard[1]
+        return (elapsed_ms << 22) | (next(self._ids) & 0x3FFFFF)
+
+    @staticmethod
+    def shard_of(guild_id: int | None, shard_count: int) -> int:
+        """The shard that receives a guild's events; direct messages (no guild) go to shard 0."""
+        return 0 if guild_id is None else (guild_id >> 22) % shard_count
+
+    def add_guild(self, name: str, *, shard: tuple[int, int] | None = None) -> tuple[int, int]:
+        """Put the bot in another guild, with one text channel and the @everyone role, on `shard` ([id, count]) if
+        given. Returns (guild id, channel id). Add guilds before the bot connects: no GUILD_CREATE is sent later."""
+        guild_id = self.snowflake(shard=shard)
+        channel_id = self.snowflake()
+        self.guilds[guild_id] = name
+        self.channels[channel_id] = self._text_channel(channel_id, "general", 0, guild_id=guild_id)
+        return guild_id, channel_id
+
+    def guild_of(self, channel_id: int) -> int | None:
+        """The guild a channel belongs to (the first guild for a channel the fake does not know); None for the DM."""
+        if channel_id == self.dm_id:
+            return None
+        channel = self.channels.get(channel_id)
+        return int(channel["guild_id"]) if channel is not None else self.guild_id
 
     # --- waiting -----------------------------------------------------------------------------------------------
 
@@ -294,11 +325,13 @@ class FakeDiscord:
     # --- driving the bot (gateway events) ----------------------------------------------------------------------
 
     async def dispatch(self, event: str, data: dict[str, Any]) -> None:
-        """Send a DISPATCH event to every identified gateway connection."""
+        """Send a DISPATCH event to every identified gateway connection that should see it: an unsharded one sees
+        everything, a shard only the events of its guilds (and direct messages on shard 0)."""
         self._sequence += 1
         frame = json.dumps({"op": OP_DISPATCH, "t": event, "s": self._sequence, "d": data})
-        for socket in list(self._sockets):
-            if not socket.closed:
+        guild_id = int(data["guild_id"]) if data.get("guild_id") else None
+        for socket, shard in list(self._sockets.items()):
+            if not socket.closed and (shard is None or self.shard_of(guild_id, shard[1]) == shard[0]):
                 await socket.send_str(frame)
 
     async def send_message(
@@ -343,7 +376,7 @@ class FakeDiscord:
     ) -> FakeInteraction:
         """A user runs a synced slash command. Option types come from the synced command, as Discord's would."""
         channel_id = self.general_id if channel_id is None else channel_id
-        guild_id = None if channel_id == self.dm_id else self.guild_id
+        guild_id = self.guild_of(channel_id)
         command = self.command(name, guild_id)
         option_types = {option["name"]: option["type"] for option in command.get("options", [])}
         data: dict[str, Any] = {
@@ -419,11 +452,13 @@ class FakeDiscord:
             "flags": 0,
         }
 
-    def _text_channel(self, channel_id: int, name: str, position: int) -> dict[str, Any]:
+    def _text_channel(
+        self, channel_id: int, name: str, position: int, *, guild_id: int | None = None
+    ) -> dict[str, Any]:
         return {
             "id": str(channel_id),
             "type": CHANNEL_TEXT,
-            "guild_id": str(self.guild_id),
+            "guild_id": str(guild_id or self.guild_id),
             "name": name,
             "position": position,
             "permission_overwrites": [],
@@ -461,20 +496,25 @@ class FakeDiscord:
             return {"id": str(channel_id), "type": CHANNEL_DM, "recipients": [user.payload()], "last_message_id": None}
         return self.channels[channel_id]
 
-    def _guild_create(self) -> dict[str, Any]:
-        channels = [c for c in self.channels.values() if c["type"] != CHANNEL_PUBLIC_THREAD]
-        threads = [c for c in self.channels.values() if c["type"] == CHANNEL_PUBLIC_THREAD]
+    def _guild_create(self, guild_id: int) -> dict[str, Any]:
+        in_guild = [c for c in self.channels.values() if int(c["guild_id"]) == guild_id]
+        channels = [c for c in in_guild if c["type"] != CHANNEL_PUBLIC_THREAD]
+        threads = [c for c in in_guild if c["type"] == CHANNEL_PUBLIC_THREAD]
         bot_member = {**self.bot_user.member_payload(), "user": self.bot_user.payload()}
+        if guild_id == self.guild_id:
+            roles = list(self.roles.values())
+        else:
+            roles = [self._role(guild_id, "@everyone", EVERYONE_PERMISSIONS, 0)]
         return {
-            "id": str(self.guild_id),
-            "name": "Llama Farm",
+            "id": str(guild_id),
+            "name": self.guilds[guild_id],
             "icon": None,
             "owner_id": str(self.owner.id),
             "unavailable": False,
             "member_count": 6,
             "large": False,
             "features": [],
-            "roles": list(self.roles.values()),
+            "roles": roles,
             "emojis": [],
             "stickers": [],
             "channels": channels,
@@ -518,7 +558,8 @@ class FakeDiscord:
         mentions: list[FakeUser] | None = None,
         reply_to: int | None = None,
     ) -> dict[str, Any]:
-        in_guild = channel_id != self.dm_id
+        guild_id = self.guild_of(channel_id)
+        in_guild = guild_id is not None
         message: dict[str, Any] = {
             "id": str(self.snowflake()),
             "channel_id": str(channel_id),
@@ -540,7 +581,7 @@ class FakeDiscord:
             "flags": 0,
         }
         if in_guild:
-            message["guild_id"] = str(self.guild_id)
+            message["guild_id"] = str(guild_id)
             message["member"] = author.member_payload()
         if reply_to is not None:
             message["type"] = MESSAGE_REPLY
@@ -548,7 +589,7 @@ class FakeDiscord:
                 "type": 0,
                 "message_id": str(reply_to),
                 "channel_id": str(channel_id),
-                **({"guild_id": str(self.guild_id)} if in_guild else {}),
+                **({"guild_id": str(guild_id)} if in_guild else {}),
             }
             message["referenced_message"] = self.messages.get(reply_to)
         return message
@@ -586,7 +627,7 @@ class FakeDiscord:
     ) -> FakeInteraction:
         interaction_id = self.snowflake()
         token = f"token-{interaction_id}"
-        in_guild = channel_id != self.dm_id
+        guild_id = self.guild_of(channel_id)
         payload: dict[str, Any] = {
             "id": str(interaction_id),
             "application_id": str(self.application_id),
@@ -601,12 +642,12 @@ class FakeDiscord:
             "entitlements": [],
             "attachment_size_limit": 10 * 1024 * 1024,
         }
-        if in_guild:
+        if guild_id is not None:
             granted = self.permissions_of(user) if permissions is None else permissions
-            payload["guild_id"] = str(self.guild_id)
+            payload["guild_id"] = str(guild_id)
             payload["guild_locale"] = "en-US"
             payload["member"] = {**user.member_payload(permissions=granted), "user": user.payload()}
-            payload["authorizing_integration_owners"] = {"0": str(self.guild_id)}
+            payload["authorizing_integration_owners"] = {"0": str(guild_id)}
             payload["context"] = 0
         else:
             payload["user"] = user.payload()
@@ -635,31 +676,35 @@ class FakeDiscord:
                 elif event["op"] == OP_IDENTIFY and event["d"].get("token") != self.token:
                     await socket.close(code=4004, message=b"Authentication failed.")
                 elif event["op"] == OP_IDENTIFY:
-                    await self._identify(socket)
+                    shard = event["d"].get("shard")
+                    await self._identify(socket, tuple(shard) if shard is not None else None)
                 elif event["op"] == OP_RESUME:
                     # No session survives here: tell the client to identify anew.
                     await socket.send_str(json.dumps({"op": 9, "d": False}))
                 await self._notify()
         finally:
-            self._sockets.discard(socket)
+            self._sockets.pop(socket, None)
         return socket
 
-    async def _identify(self, socket: web.WebSocketResponse) -> None:
-        self._sockets.add(socket)
+    async def _identify(self, socket: web.WebSocketResponse, shard: tuple[int, int] | None) -> None:
+        self._sockets[socket] = shard
+        guild_ids = [g for g in self.guilds if shard is None or self.shard_of(g, shard[1]) == shard[0]]
         ready = {
             "v": 10,
             "user": self.bot_user.payload(),
-            "guilds": [{"id": str(self.guild_id), "unavailable": True}],
+            "guilds": [{"id": str(guild_id), "unavailable": True} for guild_id in guild_ids],
             "session_id": f"session-{self.snowflake()}",
             "resume_gateway_url": self.gateway_url,
             "application": {"id": str(self.application_id), "flags": 0},
             "private_channels": [],
+            **({"shard": list(shard)} if shard is not None else {}),
         }
         self._sequence += 1
         await socket.send_str(json.dumps({"op": OP_DISPATCH, "t": "READY", "s": self._sequence, "d": ready}))
-        self._sequence += 1
-        frame = {"op": OP_DISPATCH, "t": "GUILD_CREATE", "s": self._sequence, "d": self._guild_create()}
-        await socket.send_str(json.dumps(frame))
+        for guild_id in guild_ids:
+            self._sequence += 1
+            frame = {"op": OP_DISPATCH, "t": "GUILD_CREATE", "s": self._sequence, "d": self._guild_create(guild_id)}
+            await socket.send_str(json.dumps(frame))
         self.ready_count += 1
 
     # --- REST --------------------------------------------------------------------------------------------------
@@ -687,9 +732,12 @@ class FakeDiscord:
     async def _answer(self, call: RestCall) -> web.StreamResponse:
         method, path, body = call.method, call.path, call.json
         app = str(self.application_id)
-        if path in ("/gateway", "/gateway/bot"):
+        if path == "/gateway":
+            return json_response({"url": self.gateway_url})
+        if path == "/gateway/bot":
             limit = {"total": 1000, "remaining": 999, "reset_after": 0, "max_concurrency": 1}
-            return json_response({"url": self.gateway_url, "shards": 1, "session_start_limit": limit})
+            url = self.advertised_gateway_url or self.gateway_url
+            return json_response({"url": url, "shards": self.recommended_shards, "session_start_limit": limit})
         if method == "GET" and path == "/users/@me":
             return json_response(self.bot_user.payload())
         if method == "GET" and path in ("/oauth2/applications/@me", "/applications/@me"):

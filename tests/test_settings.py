@@ -72,6 +72,54 @@ def test_database_path_comes_from_the_environment(monkeypatch: pytest.MonkeyPatc
     assert load_settings().database_path == Path.home() / "data" / "bot.sqlite3"
 
 
+def test_sharding_is_off_by_default() -> None:
+    settings = load_settings()
+    assert settings.shard_count is None and settings.shard_ids is None
+
+
+@pytest.mark.parametrize(
+    ("environment", "count", "ids"),
+    [
+        ({"SHARD_COUNT": "4"}, 4, None),
+        ({"SHARD_COUNT": " Auto "}, "auto", None),
+        ({"SHARD_COUNT": "4", "SHARD_IDS": "2, 3"}, 4, [2, 3]),
+        ({"SHARD_COUNT": "2", "SHARD_IDS": "0,1"}, 2, [0, 1]),
+    ],
+)
+def test_shard_settings_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, environment: dict[str, str], count: int | str, ids: list[int] | None
+) -> None:
+    for variable, value in environment.items():
+        monkeypatch.setenv(variable, value)
+    settings = load_settings()
+    assert (settings.shard_count, settings.shard_ids) == (count, ids)
+
+
+@pytest.mark.parametrize(
+    ("environment", "named", "says"),
+    [
+        ({"SHARD_IDS": "0,1"}, "SHARD_IDS", "needs SHARD_COUNT"),
+        ({"SHARD_COUNT": "auto", "SHARD_IDS": "0"}, "SHARD_IDS", "needs SHARD_COUNT"),
+        ({"SHARD_COUNT": "2", "SHARD_IDS": "0,2"}, "SHARD_IDS", "shard 2 is out of range"),
+        ({"SHARD_COUNT": "2", "SHARD_IDS": "1,1"}, "SHARD_IDS", "twice"),
+        ({"SHARD_COUNT": "2", "SHARD_IDS": "zero"}, "SHARD_IDS", "comma-separated"),
+        ({"SHARD_COUNT": "2", "SHARD_IDS": ","}, "SHARD_IDS", "no shard ids"),
+        ({"SHARD_COUNT": "0"}, "SHARD_COUNT", "or auto"),
+        ({"SHARD_COUNT": "many"}, "SHARD_COUNT", "or auto"),
+    ],
+)
+def test_bad_shard_settings_exit_saying_what_is_wrong(
+    monkeypatch: pytest.MonkeyPatch, environment: dict[str, str], named: str, says: str
+) -> None:
+    for variable, value in environment.items():
+        monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    problems = str(caught.value).splitlines()[1:-1]
+    assert len(problems) == 1, problems  # one clear line, not one per member of a type union
+    assert problems[0].strip().startswith(f"{named}:") and says in problems[0]
+
+
 def example_values() -> dict[str, str | None]:
     values = dotenv_values(ENV_EXAMPLE)
     assert values, ".env.example is empty or unreadable"
