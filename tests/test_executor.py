@@ -350,6 +350,31 @@ async def test_the_engine_recovers_after_a_failure_in_generation(
     assert after.token_ids == expected
 
 
+async def test_requests_fail_instead_of_hanging_when_the_loop_cannot_restart(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[list[int]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def forward_failing(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("injected failure")
+
+    def start_failing() -> None:
+        raise RuntimeError("injected restart failure")
+
+    async with running(model, tokenizer) as engine:
+        monkeypatch.setattr(engine._batcher._manager, "start", start_failing)
+        monkeypatch.setattr(model, "forward", forward_failing)
+        with pytest.raises(GenerationError):
+            await collect(engine.generate(prompts[0], GREEDY))
+        # Submitted after the loop died: it waits for a restart that fails, and must be told so.
+        late = engine.generate(prompts[1], GREEDY)
+        with pytest.raises(GenerationError):
+            await collect(late)
+        assert late.metrics.finish_reason == FinishReason.ERROR
+        assert engine.stats().running + engine.stats().waiting == 0
+
+
 async def test_shutdown_fails_pending_requests_and_stops_the_thread(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[list[int]]
 ) -> None:

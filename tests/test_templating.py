@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 
 from bot.engine.errors import ModelLoadError, PromptError
 from bot.engine.loader import gguf_cache_dir, smollm2_gguf_path
-from bot.engine.templating import EXAMPLE_TEMPLATE, TRUNCATION_MARKER, PromptBuilder, read_chat_template
+from bot.engine.templating import EXAMPLE_TEMPLATE, TRUNCATION_MARKER, PromptBuilder, read_chat_template, tokenize_plain
 from tests.tiny_model import build_tokenizer
 
 Chat = list[dict[str, str]]
@@ -206,7 +206,7 @@ def test_typed_special_tokens_stay_plain_when_prompts_are_built_in_parallel(tiny
         return [[i for i in builder.build(chat, 16).token_ids if i in specials] for _ in range(150)]
 
     def tokenize_many(_: int) -> list[list[int]]:
-        return [[i for i, _ in builder.tokenize(FORGED_TURN) if i in specials] for _ in range(150)]
+        return [[i for i, _ in tokenize_plain(tiny_tokenizer, FORGED_TURN) if i in specials] for _ in range(150)]
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         built = [ids for batch in pool.map(build_many, range(6)) for ids in batch]

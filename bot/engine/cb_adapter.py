@@ -20,6 +20,7 @@ top_p through its per-request logits processors. This adapter keeps what it does
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import threading
@@ -120,6 +121,7 @@ class ContinuousBatcher:
         self._max_batch_tokens = max_batch_tokens
         self._on_updates = on_updates
         self._manager: ContinuousBatchingManager | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()  # guards the restart state below against the restart thread
         self._backlog: list[_Submission] = []
         self._restart_thread: threading.Thread | None = None
@@ -127,6 +129,7 @@ class ContinuousBatcher:
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Build the manager, allocate the KV cache and start the generation thread. Blocking: run it off the loop."""
+        self._loop = loop
         # 256-token pages: flash attention's paged kernels need them. Each request gets whole pages for its share.
         page_size = 256
         pages_per_request = math.ceil(self._cache_tokens / self._max_batch_size / page_size)
@@ -236,11 +239,20 @@ class ContinuousBatcher:
             self._restart_thread = None
             if self._closing:
                 return
-            log.warning("restarting the generation loop after a failure")
-            manager.start()
             backlog, self._backlog = self._backlog, []
-            for submission in backlog:
-                self._add(submission)
+            log.warning("restarting the generation loop after a failure")
+            try:
+                manager.start()
+                refused = [submission for submission in backlog if not self._add(submission)]
+            except Exception as error:
+                log.exception("the generation loop could not be restarted")
+                refused, reason = backlog, f"the generation loop could not be restarted: {error}"
+            else:
+                reason = "the generation loop refused the request after a restart"
+            if refused and self._loop is not None:  # nothing else will ever report on them: their streams would hang
+                failures = [TokenUpdate(s.request_id, [], started_at=None, done=True, error=reason) for s in refused]
+                with contextlib.suppress(RuntimeError):  # the event loop is closed: nobody is waiting any more
+                    self._loop.call_soon_threadsafe(self._on_updates, failures)
 
 
 def _install_greedy_temperature(manager: ContinuousBatchingManager) -> None:

@@ -26,7 +26,7 @@ from bot.engine.errors import EngineBusyError, EngineError, GenerationError, Mod
 from bot.engine.info import ModelInfo, collect_model_info
 from bot.engine.loader import load_model
 from bot.engine.sampling import SamplingParams
-from bot.engine.templating import Prompt, PromptBuilder
+from bot.engine.templating import Prompt, PromptBuilder, tokenize_plain
 from bot.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -220,14 +220,19 @@ class AsyncEngine:
         info = await asyncio.to_thread(collect_model_info, loaded)
         context_length = _context_length(loaded.model)
         longest_request = min(settings.max_prompt_tokens + settings.max_new_tokens, context_length)
+        cache_tokens = settings.max_batch_size * longest_request
         engine = cls(
             loaded.model,
             loaded.tokenizer,
             max_batch_size=settings.max_batch_size,
             max_queued_requests=settings.max_queued_requests,
-            cache_tokens=settings.max_batch_size * longest_request,
+            cache_tokens=cache_tokens,
+            # Budget within what one request may hold here, so a channel's larger max_new_tokens shortens the
+            # prompt instead of failing every message.
             prompt_builder=PromptBuilder(
-                loaded.tokenizer, max_prompt_tokens=settings.max_prompt_tokens, context_length=context_length
+                loaded.tokenizer,
+                max_prompt_tokens=settings.max_prompt_tokens,
+                context_length=min(context_length, cache_tokens),
             ),
             info=info,
         )
@@ -280,8 +285,7 @@ class AsyncEngine:
 
     def tokenize(self, text: str) -> list[tuple[int, str]]:
         """(id, text) of each token, reading control-token look-alikes as plain text, as user messages are read."""
-        token_ids = self._tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-        return [(token_id, self._tokenizer.decode([token_id])) for token_id in token_ids]
+        return tokenize_plain(self._tokenizer, text)
 
     async def prepare(self, messages: Sequence[dict[str, str]], max_new_tokens: int) -> Prompt:
         """Render the chat within the token budget, in a worker thread (templating is CPU work)."""

@@ -34,7 +34,7 @@ from openai.types.chat import ChatCompletionChunk
 from bot.engine.errors import EngineBusyError, EngineError, GenerationError
 from bot.engine.executor import EngineStats, FinishReason, RequestMetrics
 from bot.engine.sampling import SamplingParams
-from bot.engine.templating import Prompt, PromptBuilder, read_chat_template
+from bot.engine.templating import Prompt, PromptBuilder, read_chat_template, tokenize_plain
 from bot.engine.token_estimate import BYTES_PER_TOKEN, EstimatingTokenizer
 from bot.settings import Settings
 
@@ -268,8 +268,7 @@ class RemoteEngine:
             raise EngineError(
                 f"The tokenizer of {self._model} is not available to the bot (the model runs on a remote server)."
             )
-        token_ids = self._tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-        return [(token_id, self._tokenizer.decode([token_id])) for token_id in token_ids]
+        return tokenize_plain(self._tokenizer, text)
 
     async def prepare(self, messages: Sequence[Mapping[str, str]], max_new_tokens: int) -> Prompt:
         """Trim the chat to the token budget, in a worker thread; `Prompt.messages` is what will be sent."""

@@ -66,9 +66,6 @@ class PromptBuilder:
         chat_template: str | None = None,
     ) -> None:
         self._tokenizer = tokenizer
-        # `split_special_tokens` is a flag on the shared Rust tokenizer, set just before each encode: two threads
-        # encoding at once could read user text with control tokens recognized. Every encode holds this lock.
-        self._encode_lock = threading.Lock()
         self.max_prompt_tokens = max_prompt_tokens
         self.context_length = context_length
         self.chat_template: str = chat_template or tokenizer.chat_template or ""
@@ -188,13 +185,23 @@ class PromptBuilder:
         return segments
 
     def _encode(self, texts: list[str], *, plain: bool) -> list[list[int]]:
-        if not texts:
-            return []
-        with self._encode_lock:
-            encoded = self._tokenizer(texts, add_special_tokens=False, split_special_tokens=plain)
-        return [list(ids) for ids in encoded["input_ids"]]
+        return encode(self._tokenizer, texts, plain=plain)
 
-    def tokenize(self, text: str) -> list[tuple[int, str]]:
-        """(id, text) of each token of `text`, read as user text is: control-token look-alikes stay plain."""
-        token_ids = self._encode([text], plain=True)[0]
-        return [(token_id, self._tokenizer.decode([token_id])) for token_id in token_ids]
+
+# `split_special_tokens` is a flag on the shared Rust tokenizer, set just before each encode: two threads encoding
+# at once could read user text with control tokens recognized. Every encode of ours holds this lock.
+_ENCODE_LOCK = threading.Lock()
+
+
+def encode(tokenizer: Any, texts: list[str], *, plain: bool) -> list[list[int]]:
+    """Token ids of each text, without BOS; with `plain`, control-token look-alikes stay plain text."""
+    if not texts:
+        return []
+    with _ENCODE_LOCK:
+        encoded = tokenizer(texts, add_special_tokens=False, split_special_tokens=plain)
+    return [list(ids) for ids in encoded["input_ids"]]
+
+
+def tokenize_plain(tokenizer: Any, text: str) -> list[tuple[int, str]]:
+    """(id, text) of each token of `text`, read as user text is read: for /tokenize."""
+    return [(token_id, tokenizer.decode([token_id])) for token_id in encode(tokenizer, [text], plain=True)[0]]
