@@ -76,9 +76,9 @@ class LlamacordBot(commands.Bot):
         self.tree.error(self._on_app_command_error)
 
     def channel_lock(self, channel_id: int) -> asyncio.Lock:
-        """The lock that orders every write to one channel's history (a reply, a /reset), so a message that
-        arrives while the channel is being answered waits its turn. Held only while in use: unused locks are
-        dropped with their last reference."""
+        """The lock under which one channel's messages are decided and answered, in arrival order, and /reset
+        clears its history, so a message that arrives while the channel is being answered waits its turn. Held
+        only while in use: unused locks are dropped with their last reference."""
         lock = self._channel_locks.get(channel_id)
         if lock is None:
             lock = self._channel_locks[channel_id] = asyncio.Lock()

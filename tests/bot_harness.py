@@ -81,18 +81,22 @@ def bot_settings(fake: FakeDiscord, database: Path, model: str = "unused", **ove
 
 
 class RecordingEngine:
-    """The real engine, keeping what it was asked: each prompt's chat and token budget, and each stream."""
+    """The real engine, keeping what it was asked: each prompt's chat and token budget, the prompt it made, and each
+    stream."""
 
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
         self.prepared: list[list[dict[str, str]]] = []
         self.max_new_tokens: list[int] = []
+        self.prompts: list[Any] = []  # every Prompt prepare() returned
         self.streams: list[Any] = []  # every stream generate() returned
 
     async def prepare(self, messages: Sequence[dict[str, str]], max_new_tokens: int) -> Any:
         self.prepared.append([dict(message) for message in messages])
         self.max_new_tokens.append(max_new_tokens)
-        return await self._engine.prepare(messages, max_new_tokens)
+        prompt = await self._engine.prepare(messages, max_new_tokens)
+        self.prompts.append(prompt)
+        return prompt
 
     def generate(self, prompt: Any, params: Any) -> Any:
         stream = self._engine.generate(prompt, params)

@@ -12,6 +12,11 @@ One aiohttp app serves both halves on a random port:
 - Sharding as Discord does it: an IDENTIFY with `shard: [id, count]` gets READY and GUILD_CREATE for the guilds of
   that shard only (`(guild_id >> 22) % count == id`), and each event goes to the shard of its guild (direct
   messages to shard 0). `add_guild` adds guilds, placed on a chosen shard if the test wants.
+- Discord's limits: a message body whose content is over 2,000 characters, or whose embeds break an embed limit
+  (title 256, description 4,096, field name 256, field value 1,024, 6,000 in all), is answered 400 with Discord's
+  "Invalid Form Body" error (code 50035) and listed in `rejected`, so no test passes with what Discord would refuse.
+- Deferred interaction responses as Discord has them: the first follow-up after a deferral replaces the loading
+  message and keeps the deferral's visibility (its own ephemeral flag is ignored).
 
 Permissions are the test's to choose: a `FakeUser` has role ids (the moderator role carries Manage Guild and
 Manage Messages), and an interaction's `member.permissions` is computed from them unless the test passes its own.
@@ -65,6 +70,14 @@ CALLBACK_MESSAGE, CALLBACK_DEFERRED_MESSAGE, CALLBACK_UPDATE = 4, 5, 7  # 6 (def
 MESSAGE_DEFAULT, MESSAGE_REPLY = 0, 19
 CHANNEL_TEXT, CHANNEL_DM, CHANNEL_PUBLIC_THREAD = 0, 1, 11
 EPHEMERAL_FLAG = 1 << 6
+LOADING_FLAG = 1 << 7  # a deferred response's "thinking…" message
+
+# Discord's length limits on a message and its embeds (https://discord.com/developers/docs/resources/message).
+CONTENT_LIMIT = 2000
+EMBED_LIMITS = {"title": 256, "description": 4096}
+EMBED_FIELD_LIMITS = {"name": 256, "value": 1024}
+EMBED_TOTAL_LIMIT = 6000  # titles, descriptions, field names and values, footer texts and author names, all embeds
+INVALID_FORM_BODY = 50035
 
 
 def _now_iso() -> str:
@@ -74,6 +87,41 @@ def _now_iso() -> str:
 def json_response(payload: Any, status: int = 200) -> web.Response:
     """A JSON response whose Content-Type is exactly `application/json`, as Discord's (and discord.py checks)."""
     return web.Response(status=status, body=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
+
+
+def _too_long(limit: int) -> dict[str, Any]:
+    return {"_errors": [{"code": "BASE_TYPE_MAX_LENGTH", "message": f"Must be {limit} or fewer in length."}]}
+
+
+def _embed_size(embed: dict[str, Any]) -> int:
+    texts = [embed.get("title"), embed.get("description"), (embed.get("footer") or {}).get("text")]
+    texts += [(embed.get("author") or {}).get("name")]
+    texts += [f.get(key) for f in embed.get("fields") or [] for key in EMBED_FIELD_LIMITS]
+    return sum(len(text or "") for text in texts)
+
+
+def message_form_errors(body: dict[str, Any]) -> dict[str, Any]:
+    """The `errors` of Discord's "Invalid Form Body" answer to a message body over its limits ({} when none)."""
+    errors: dict[str, Any] = {}
+    if len(body.get("content") or "") > CONTENT_LIMIT:
+        errors["content"] = _too_long(CONTENT_LIMIT)
+    embeds = body.get("embeds") or []
+    embed_errors: dict[str, Any] = {}
+    for index, embed in enumerate(embeds):
+        found = {key: _too_long(limit) for key, limit in EMBED_LIMITS.items() if len(embed.get(key) or "") > limit}
+        for number, embed_field in enumerate(embed.get("fields") or []):
+            for key, limit in EMBED_FIELD_LIMITS.items():
+                if len(embed_field.get(key) or "") > limit:
+                    found.setdefault("fields", {}).setdefault(str(number), {})[key] = _too_long(limit)
+        if found:
+            embed_errors[str(index)] = found
+    if sum(_embed_size(embed) for embed in embeds) > EMBED_TOTAL_LIMIT:
+        embed_errors["_errors"] = [
+            {"code": "MAX_EMBED_SIZE_EXCEEDED", "message": f"Embed size exceeds maximum size of {EMBED_TOTAL_LIMIT}"}
+        ]
+    if embed_errors:
+        errors["embeds"] = embed_errors
+    return errors
 
 
 @dataclass(frozen=True)
@@ -168,6 +216,7 @@ class FakeDiscord:
         }
 
         self.calls: list[RestCall] = []
+        self.rejected: list[RestCall] = []  # calls answered 400 for breaking Discord's message limits
         self.gateway_events: list[dict[str, Any]] = []  # what clients sent on the gateway (IDENTIFY, ...)
         self.commands: dict[int | None, list[dict[str, Any]]] = {}  # synced commands by guild id (None: global)
         self.messages: dict[int, dict[str, Any]] = {}  # every message, by id, as it stands after edits
@@ -412,16 +461,19 @@ class FakeDiscord:
     async def wait_for_response(
         self, interaction: FakeInteraction, *, timeout_s: float = DEFAULT_TIMEOUT
     ) -> dict[str, Any]:
-        """The message data of the bot's answer to an interaction: the callback's data for an immediate reply,
-        or the @original edit (or first follow-up) after a deferral."""
+        """The bot's answer to an interaction, as Discord accepted it: the callback's data for an immediate reply,
+        or after a deferral the deferred message once an @original edit or the first follow-up filled it in."""
 
         def answer() -> dict[str, Any] | None:
             for call in self.interaction_calls(interaction):
                 body = call.json or {}
-                if call.path.endswith("/callback") and body.get("type") in (CALLBACK_MESSAGE, CALLBACK_UPDATE):
+                if any(call is rejected for rejected in self.rejected) or not call.path.endswith("/callback"):
+                    continue
+                if body.get("type") in (CALLBACK_MESSAGE, CALLBACK_UPDATE):
                     return body.get("data") or {}
-                if call.method in ("PATCH", "POST") and "/webhooks/" in call.path:
-                    return body
+                if body.get("type") == CALLBACK_DEFERRED_MESSAGE:
+                    message = self.interaction_messages[interaction.token]
+                    return None if int(message["flags"]) & LOADING_FLAG else message
             return None
 
         return await self.wait_until(answer, timeout_s=timeout_s, what=f"an answer to interaction {interaction.id}")
@@ -725,6 +777,10 @@ class FakeDiscord:
                 and request.headers.get("Authorization") != f"Bot {self.token}"
             ):
                 return json_response({"message": "401: Unauthorized", "code": 0}, status=401)
+            if errors := self._form_errors(call):
+                self.rejected.append(call)
+                payload = {"message": "Invalid Form Body", "code": INVALID_FORM_BODY, "errors": errors}
+                return json_response(payload, status=400)
             return await self._answer(call)
         finally:
             await self._notify()
@@ -773,6 +829,19 @@ class FakeDiscord:
             return self._webhook(method, match[1], match[2], body)
         return json_response({"message": f"404: Not Found ({method} {path})", "code": 0}, status=404)
 
+    @staticmethod
+    def _form_errors(call: RestCall) -> dict[str, Any]:
+        """What Discord would refuse in a call that creates or edits a message ({} when it is within the limits)."""
+        body = call.json if isinstance(call.json, dict) else {}
+        if call.method not in ("POST", "PATCH"):
+            return {}
+        if re.fullmatch(r"/channels/\d+/messages(?:/\d+)?", call.path) or call.path.startswith("/webhooks/"):
+            return message_form_errors(body)
+        if call.path.endswith("/callback") and body.get("type") in (CALLBACK_MESSAGE, CALLBACK_UPDATE):
+            errors = message_form_errors(body.get("data") or {})
+            return {"data": errors} if errors else {}
+        return {}
+
     def _registered(self, command: dict[str, Any], guild_id: int | None) -> dict[str, Any]:
         permissions = command.get("default_member_permissions")
         return {
@@ -797,7 +866,7 @@ class FakeDiscord:
             user = (sent.get("member") or sent)["user"]
             message["interaction_metadata"] = {"id": str(interaction_id), "type": sent["type"], "user": user}
             if kind == CALLBACK_DEFERRED_MESSAGE:
-                message["flags"] = int(data.get("flags", 0)) | 128  # LOADING
+                message["flags"] = int(data.get("flags", 0)) | LOADING_FLAG
             self.interaction_messages[token] = message
             interaction |= {
                 "response_message_id": message["id"],
@@ -816,19 +885,25 @@ class FakeDiscord:
         return json_response({"interaction": interaction, **({"resource": resource} if resource else {})})
 
     def _webhook(self, method: str, token: str, which: str | None, body: dict[str, Any] | None) -> web.Response:
+        original = self.interaction_messages.get(token)
+        if which is None and method == "POST" and original is not None and int(original["flags"]) & LOADING_FLAG:
+            # The first follow-up after a deferral fills in the loading message, as visible as the deferral was:
+            # Discord ignores the follow-up's own flags (an ephemeral error after a public defer shows publicly).
+            self._apply_message_body(original, {**(body or {}), "flags": None})
+            original["flags"] = int(original["flags"]) & ~LOADING_FLAG
+            return json_response(original)
         if which is None and method == "POST":  # follow-up message
             message = self._message(int(self.interactions[token]["channel_id"]), self.bot_user, "")
             self._apply_message_body(message, body or {})
             self.messages[int(message["id"])] = message
             return json_response(message)
         if which == "@original":
-            message = self.interaction_messages.get(token)
-            if message is None:
+            if original is None:
                 return json_response({"message": "Unknown interaction", "code": 10062}, status=404)
             if method == "PATCH":
-                self._apply_message_body(message, body or {})
-                message["flags"] = int(message.get("flags", 0)) & ~128
-            return json_response(message)
+                self._apply_message_body(original, body or {})
+                original["flags"] = int(original.get("flags", 0)) & ~LOADING_FLAG
+            return json_response(original)
         message = self.messages.get(int(which)) if which else None
         if message is None:
             return json_response({"message": "Unknown Message", "code": 10008}, status=404)

@@ -13,10 +13,11 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+import discord
 import pytest
 
 from bot.client import LlamacordBot
-from bot.cogs.chat import BUSY_TEXT, STOP_BUTTON_ID, STOP_DENIED
+from bot.cogs.chat import BUSY_TEXT, MAX_WAITING_PER_CHANNEL, STOP_BUTTON_ID, STOP_DENIED, TRUNCATED_NOTE
 from bot.engine.errors import GenerationError
 from bot.engine.executor import AsyncEngine, FinishReason
 from bot.engine.sampling import SamplingParams
@@ -36,7 +37,7 @@ from tests.bot_harness import (
     running_bot,
     wait_for_reply,
 )
-from tests.fake_discord import MESSAGE_DEFAULT, FakeDiscord
+from tests.fake_discord import INVALID_FORM_BODY, MESSAGE_DEFAULT, FakeDiscord
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -154,7 +155,7 @@ async def test_reply_to_the_bot_is_answered_and_other_messages_are_not(fake: Fak
 
     assert fake.replies_to(int(unaddressed["id"])) == []
     assert fake.replies_to(int(reply_to_human["id"])) == []
-    history = await bot.store.load_history(fake.general_id, 20)
+    history = await bot.store.load_history(fake.general_id, 100)
     users = [(m.content, m.author_name) for m in history if m.role is Role.USER]
     assert users == [("start of the story", "Alice"), ("tell @Alice more", "Bobby"), ("and now you", "Alice")]
 
@@ -200,6 +201,74 @@ async def test_messages_in_one_channel_wait_their_turn(fake: FakeDiscord, bot: L
     ]
     # The second prompt was built after the first reply was stored.
     assert [m["role"] for m in bot.engine.prompt_with("second question")][-3:] == ["user", "assistant", "user"]
+
+
+async def test_an_all_mode_channel_answers_in_arrival_order(fake: FakeDiscord, bot: LlamacordBot) -> None:
+    # Deciding to answer the plain message reads the store; the mention after it must not overtake it meanwhile.
+    await bot.store.update_channel_settings(fake.random_id, changed_by=None, reply_mode=ReplyMode.ALL)
+    plain = await fake.send_message(fake.alice, "a plain question", channel_id=fake.random_id)
+    mention = await fake.send_message(fake.bob, "a question for you", channel_id=fake.random_id, mention_bot=True)
+    first, _ = await wait_for_reply(fake, bot.store, plain)
+    second, _ = await wait_for_reply(fake, bot.store, mention)
+    assert int(first[0]["id"]) < int(second[0]["id"]), "the mention was answered first"
+    history = await bot.store.load_history(fake.random_id, 10)
+    assert [(m.role, m.content if m.role is Role.USER else "") for m in history] == [
+        (Role.USER, "a plain question"),
+        (Role.ASSISTANT, ""),
+        (Role.USER, "a question for you"),
+        (Role.ASSISTANT, ""),
+    ]
+
+
+class HeldStream(ScriptedStream):
+    """A scripted stream that yields nothing until `release` is set, so its reply holds the channel's lock."""
+
+    def __init__(self, text: str, release: asyncio.Event) -> None:
+        super().__init__(text, piece=40, pause_s=0.005)
+        self.release = release
+
+    async def _deltas(self) -> AsyncIterator[str]:
+        await self.release.wait()
+        async for delta in super()._deltas():
+            yield delta
+
+
+class HeldEngine(ScriptedEngine):
+    def __init__(self, engine: AsyncEngine, text: str) -> None:
+        super().__init__(engine, text)
+        self.release = asyncio.Event()
+
+    def generate(self, prompt: Any, params: Any) -> HeldStream:
+        stream = HeldStream(self.text, self.release)
+        self.streams.append(stream)
+        return stream
+
+
+async def test_a_flooded_channel_tells_messages_past_the_waiting_limit_it_is_busy(
+    fake: FakeDiscord, tiny_engine: AsyncEngine, tmp_path: Path
+) -> None:
+    engine = HeldEngine(tiny_engine, "Noted.")
+    async with running_bot(bot_settings(fake, tmp_path / "bot.sqlite3"), engine) as bot:
+        await bot.store.update_channel_settings(fake.general_id, changed_by=None, reply_mode=ReplyMode.ALL)
+        answered = [await fake.send_message(fake.alice, "message 0")]
+
+        async def first_reply_started() -> bool:
+            return bool(engine.streams)
+
+        await eventually(first_reply_started, what="the first reply to start")
+        answered += [await fake.send_message(fake.alice, f"message {i}") for i in range(1, MAX_WAITING_PER_CHANNEL + 1)]
+        overflow = await fake.send_message(fake.bob, "one too many")
+        busy = await fake.wait_until(lambda: fake.replies_to(int(overflow["id"])), what="the busy answer")
+        assert busy[0]["content"] == BUSY_TEXT
+        assert not any(fake.replies_to(int(m["id"])) for m in answered), "the first reply was not held"
+
+        engine.release.set()
+        for message in answered:
+            await wait_for_reply(fake, bot.store, message)
+        history = await bot.store.load_history(fake.general_id, 100)
+        assert [m.content for m in history if m.role is Role.USER] == [m["content"] for m in answered]
+        await counts_settle(bot, {"completed": len(answered), "busy": 1})
+    assert errors_counted(bot) == {"busy": 1}
 
 
 async def test_bots_webhooks_system_messages_and_its_own_messages_are_ignored(
@@ -285,10 +354,15 @@ async def test_a_full_engine_gets_a_short_busy_answer(fake: FakeDiscord, tiny_mo
             assert answer[0]["content"] == BUSY_TEXT
             assert not answer[0].get("components"), "a busy answer has nothing to stop"
             assert not blocker.finished, "the engine was not full after all: the test proves nothing"
+            assert await bot.store.load_history(fake.general_id, 10) == [], "the unanswered message was stored"
 
-            await blocker.cancel()  # the slot is free again: the next message gets a real reply
-            again = await fake.send_message(fake.alice, "and now?", mention_bot=True)
+            await blocker.cancel()  # the slot is free again: the user asks again and gets a real reply
+            again = await fake.send_message(fake.alice, "are you there?", mention_bot=True)
             await wait_for_reply(fake, bot.store, again)
+            history = await bot.store.load_history(fake.general_id, 10)
+            assert [(m.role, m.message_id) for m in history if m.role is Role.USER] == [(Role.USER, int(again["id"]))]
+            asked = bot.engine.prepared[-1]
+            assert [m["content"] for m in asked if m["role"] == "user"] == ["Alice: are you there?"]
             await counts_settle(bot, {"busy": 1, "completed": 1})
     assert errors_counted(bot) == {"busy": 1}
     assert_no_pings(fake)
@@ -372,3 +446,36 @@ async def test_cooldown_keeps_one_user_from_flooding(
         await wait_for_reply(fake, bot.store, other)
         history = await bot.store.load_history(fake.general_id, 10)
         assert [m.content for m in history if m.role is Role.USER] == ["one", "three"]
+
+
+async def test_a_message_cut_to_fit_the_prompt_gets_a_notice(fake: FakeDiscord, bot: LlamacordBot) -> None:
+    # The test engine's MAX_PROMPT_TOKENS is 512: this message alone is three times that for the tiny tokenizer.
+    long = " ".join(f"word{i}" for i in range(250))
+    sent = await fake.send_message(fake.alice, long, mention_bot=True)
+    posted, stored = await wait_for_reply(fake, bot.store, sent)
+    assert posted[-1]["content"].endswith(TRUNCATED_NOTE.strip())
+    assert TRUNCATED_NOTE.strip() not in stored.content, "the notice is the bot's, not the model's"
+
+    # The long message is now old history that no longer fits: dropping it needs no notice.
+    short = await fake.send_message(fake.alice, "and a short one", mention_bot=True)
+    posted, _ = await wait_for_reply(fake, bot.store, short)
+    assert bot.engine.prompts[-1].dropped_messages > 0 and not bot.engine.prompts[-1].truncated
+    assert TRUNCATED_NOTE.strip() not in posted[-1]["content"]
+
+
+async def test_the_fake_refuses_messages_over_discords_limits(fake: FakeDiscord, bot: LlamacordBot) -> None:
+    channel = bot.get_channel(fake.general_id)
+    assert isinstance(channel, discord.TextChannel)
+    too_big: list[dict[str, Any]] = [
+        {"content": "x" * (DISCORD_LIMIT + 1)},
+        {"embed": discord.Embed(title="x" * 257)},
+        {"embed": discord.Embed(description="x" * 4097)},
+        {"embed": discord.Embed().add_field(name="name", value="x" * 1025)},
+        {"embeds": [discord.Embed(description="x" * 4000), discord.Embed(description="x" * 2001)]},
+    ]
+    for options in too_big:
+        with pytest.raises(discord.HTTPException) as refused:
+            await channel.send(**options)
+        assert (refused.value.status, refused.value.code) == (400, INVALID_FORM_BODY)
+    assert len(fake.rejected) == len(too_big)
+    assert (await channel.send("x" * DISCORD_LIMIT)).content == "x" * DISCORD_LIMIT

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from bot.client import LlamacordBot
+from bot.client import COMMAND_FAILED, LlamacordBot
 from bot.engine.executor import AsyncEngine
 from bot.settings import DEFAULT_SYSTEM_PROMPT
 from storage import ReplyMode
@@ -25,7 +25,7 @@ from tests.bot_harness import (
     running_bot,
     wait_for_reply,
 )
-from tests.fake_discord import EPHEMERAL_FLAG, FakeDiscord
+from tests.fake_discord import CALLBACK_DEFERRED_MESSAGE, CALLBACK_MESSAGE, CONTENT_LIMIT, EPHEMERAL_FLAG, FakeDiscord
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -106,6 +106,23 @@ async def test_reset_needs_manage_messages_in_a_guild_and_clears_the_channel(
     assert "giraffe" not in " ".join(m["content"] for m in asked)
 
 
+async def test_reset_denials_are_ephemeral_and_errors_after_the_defer_are_short_and_public(
+    fake: FakeDiscord, bot: LlamacordBot
+) -> None:
+    denied = await fake.slash("reset", user=fake.alice)
+    refused = await fake.wait_for_response(denied)
+    assert int(refused["flags"]) == EPHEMERAL_FLAG and "Manage Messages" in refused["content"]
+    callbacks = [c.json["type"] for c in fake.interaction_calls(denied) if c.path.endswith("/callback")]
+    assert callbacks == [CALLBACK_MESSAGE], "a denial must come before the public defer, or it shows publicly"
+
+    await bot.store.close()  # the reset itself fails from now on
+    allowed = await fake.slash("reset", user=fake.moderator)
+    failed = await fake.wait_for_response(allowed)
+    assert fake.interaction_calls(allowed)[0].json["type"] == CALLBACK_DEFERRED_MESSAGE
+    # After the public "thinking…" the error takes its place, in public (Discord ignores `ephemeral` there).
+    assert not ephemeral(failed) and failed["content"] == COMMAND_FAILED
+
+
 async def test_anyone_may_reset_their_dm(fake: FakeDiscord, bot: LlamacordBot) -> None:
     sent = await fake.send_message(fake.bob, "a private note", channel_id=fake.dm_id)
     await wait_for_reply(fake, bot.store, sent)
@@ -149,6 +166,19 @@ async def test_system_prompt_is_refused_without_permission_stored_with_it_and_su
         shown = await fake.wait_for_response(await fake.slash("system", user=fake.alice))
         assert "the default" in shown["content"] and DEFAULT_SYSTEM_PROMPT[:40] in shown["content"]
     assert all(has_no_pings(body) for _, body in message_bodies(fake))
+
+
+async def test_system_prompt_replies_fit_in_one_message_whatever_the_prompt_looks_like(
+    fake: FakeDiscord, bot: LlamacordBot
+) -> None:
+    # Quoting puts "> " before every line: a prompt of one-character lines triples, of any line separator too.
+    for prompt, line in (("x\n" * 2000, "> x"), ("y\u2028" * 2000, "> y"), ("z" * 4000, "> zzz")):
+        done = await fake.wait_for_response(await fake.slash("system", {"prompt": prompt}, user=fake.moderator))
+        assert done["content"].startswith(f"System prompt for this channel set:\n{line}")
+        shown = await fake.wait_for_response(await fake.slash("system", user=fake.alice))
+        assert shown["content"].startswith(f"System prompt (this channel's own):\n{line}")
+        assert len(done["content"]) == len(shown["content"]) == CONTENT_LIMIT and shown["content"].endswith("…")
+    assert fake.rejected == []
 
 
 async def test_info_shows_the_model_and_the_queue(

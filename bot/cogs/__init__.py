@@ -40,7 +40,9 @@ async def respond(
     embed: discord.Embed | None = None,
     ephemeral: bool = False,
 ) -> None:
-    """Answer an interaction whether or not it was deferred (a deferred one takes a follow-up)."""
+    """Answer an interaction whether or not it was deferred. A deferred one takes a follow-up, and the first
+    follow-up after a defer replaces its "thinking…" message with the defer's visibility: Discord ignores
+    `ephemeral` there, so an error after a public defer shows publicly (keep such texts short and channel-fit)."""
     no_pings = discord.AllowedMentions.none()
     embed_or_missing = embed if embed is not None else discord.utils.MISSING
     if interaction.response.is_done():

@@ -15,19 +15,20 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.cogs import ChannelConfig, Denied, channel_id_of, require_permission, respond
+from bot.replies import DISCORD_LIMIT
 from storage.models import MAX_NEW_TOKENS_RANGE, TEMPERATURE_RANGE, TOP_P_RANGE
 
 if TYPE_CHECKING:
     from bot.client import LlamacordBot
 
-# Longest system prompt accepted, and longest shown back (Discord messages stop at 2,000 characters).
-MAX_SYSTEM_PROMPT = 4000
-SHOWN_PROMPT = 1500
+MAX_SYSTEM_PROMPT = 4000  # longest system prompt accepted (more than one Discord message can show)
 
 
-def _quoted(prompt: str) -> str:
-    shown = prompt if len(prompt) <= SHOWN_PROMPT else prompt[:SHOWN_PROMPT] + "…"
-    return "\n".join("> " + line for line in shown.splitlines() or [""])
+def _with_quote(header: str, prompt: str) -> str:
+    """`header`, then `prompt` as a block quote, cut to fit one message. The cut comes after quoting, because
+    quoting adds "> " to every line: a prompt of short lines grows to several times its length."""
+    quoted = header + "\n" + "\n".join("> " + line for line in prompt.splitlines() or [""])
+    return quoted if len(quoted) <= DISCORD_LIMIT else quoted[: DISCORD_LIMIT - 1] + "…"
 
 
 class AdminCog(commands.Cog):
@@ -41,7 +42,8 @@ class AdminCog(commands.Cog):
     async def reset(self, interaction: discord.Interaction) -> None:
         require_permission(interaction, "manage_messages")
         channel_id = channel_id_of(interaction)
-        # A reply being written here finishes (and is stored) first, so it cannot land after the reset.
+        # Deferred only after the checks, so denials stay ephemeral: the first follow-up after a public defer is
+        # public. The lock may wait for a reply being written here, which then finishes (and is stored) first.
         await interaction.response.defer(thinking=True)
         async with self.bot.channel_lock(channel_id):
             cleared = await self.bot.store.reset(channel_id, reset_by=interaction.user.id)
@@ -63,7 +65,7 @@ class AdminCog(commands.Cog):
         if prompt is None and not reset:
             config = ChannelConfig.resolve(self.bot.settings, await store.get_channel_settings(channel_id))
             origin = "this channel's own" if "system_prompt" in config.overridden else "the default"
-            await respond(interaction, f"System prompt ({origin}):\n{_quoted(config.system_prompt)}", ephemeral=True)
+            await respond(interaction, _with_quote(f"System prompt ({origin}):", config.system_prompt), ephemeral=True)
             return
         if prompt is not None and reset:
             raise Denied("Give either a new `prompt` or `reset: True`, not both.")
@@ -74,7 +76,7 @@ class AdminCog(commands.Cog):
         if prompt is None:
             await respond(interaction, "This channel is back on the default system prompt.")
         else:
-            await respond(interaction, f"System prompt for this channel set:\n{_quoted(prompt)}")
+            await respond(interaction, _with_quote("System prompt for this channel set:", prompt))
 
     @app_commands.command(name="config", description="Show or change how the bot answers in this channel")
     @app_commands.default_permissions(manage_guild=True)

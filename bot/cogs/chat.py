@@ -1,9 +1,13 @@
-"""Chatting: should I answer this message? → store it → build the prompt → stream the reply into Discord.
+"""Chatting: should I answer this message? → build the prompt → stream the reply into Discord → store both turns.
 
-One path per message, in `on_message`. Each channel (a thread and a DM are channels too) has one lock, held from
-storing the user's message to storing the reply, so a message that arrives while the channel is being answered
-waits its turn and the history stays in order. Different channels never wait for each other: their prompts meet
-in the engine's queue, which batches them together.
+One path per message, in `on_message`. Each channel (a thread and a DM are channels too) has one lock, taken before
+the first await for every message that could be answered, so a channel's messages are decided and answered in the
+order they arrived and the history stays user, assistant, user, assistant. At most MAX_WAITING_PER_CHANNEL
+messages wait for a channel's lock; past that, a message that would be answered is told at once that the bot is
+busy. Different channels never wait for each other: their prompts meet in the engine's queue, which batches them.
+
+The user's message is stored only once the engine has accepted its request, so a busy engine or a prompt that
+cannot be built leaves no unanswered turn in the history, and a retry is not stored twice.
 
 A reply streams: typing while the prompt is processed, the first message as soon as the first token arrives, then
 at most one edit per EDIT_INTERVAL_SECONDS. Past 2,000 characters it continues in new messages (see
@@ -20,8 +24,9 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
-from contextlib import suppress
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -35,7 +40,7 @@ from bot.engine.sampling import SamplingParams
 from bot.logs import log_reply
 from bot.metrics import ErrorKind, ReplyOutcome
 from bot.replies import EditThrottle, plan_messages, split_message
-from storage import ReplyMode, Role
+from storage import ReplyMode, Role, StoredMessage
 
 if TYPE_CHECKING:
     from bot.client import LlamacordBot
@@ -43,12 +48,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Messages that may wait for one channel's lock while it is being answered; past this, a message that would be
+# answered gets BUSY_TEXT at once instead of queueing behind a flood.
+MAX_WAITING_PER_CHANNEL = 10
 NO_PINGS = discord.AllowedMentions.none()
 STOP_BUTTON_ID = "llamacord:stop"
 BUSY_TEXT = "I'm busy right now. Try again shortly."
 ERROR_TEXT = "Sorry, something went wrong while answering. Please try again."
 EMPTY_REPLY = "*(no reply)*"
 STOPPED_NOTE = "\n\n*(stopped)*"
+TRUNCATED_NOTE = "\n\n*(your message was too long; I read its start and end)*"
 STOP_DENIED = "Only the person who asked, or a moderator with Manage Messages, can stop this reply."
 COOLDOWN_TEXT = "Slow down a little: you can ask me again in {seconds:.0f} s."
 # Prune the cooldown table when it grows past this many users.
@@ -74,6 +83,17 @@ def prompt_text(message: discord.Message, me: discord.abc.User) -> str:
     for user in message.mentions:
         text = text.replace(f"<@{user.id}>", f"@{user.display_name}").replace(f"<@!{user.id}>", f"@{user.display_name}")
     return text.strip()
+
+
+def is_conversation(message: discord.Message, me: discord.abc.User) -> bool:
+    """The checks that need no I/O: a human's ordinary message with something to answer once the bot's mention is
+    removed. Bots (this one included), webhooks and system messages (joins, pins, boosts, ...) are not."""
+    return (
+        not message.author.bot
+        and message.webhook_id is None
+        and message.type in CONVERSATION_TYPES
+        and bool(prompt_text(message, me))
+    )
 
 
 class StopButton(discord.ui.View):
@@ -175,30 +195,51 @@ class ChatCog(commands.Cog):
     def __init__(self, bot: LlamacordBot) -> None:
         self.bot = bot
         self._last_prompt: dict[int, float] = {}  # user id → time.monotonic() of their last accepted prompt
+        self._waiting: Counter[int] = Counter()  # channel id → messages waiting for its lock
 
     @commands.Cog.listener()
     async def on_message(self, message: discord.Message) -> None:
+        me = self.bot.user
+        if me is None or not is_conversation(message, me):
+            return
+        channel_id = message.channel.id
         try:
-            if not await self._should_answer(message):
+            if self._waiting[channel_id] >= MAX_WAITING_PER_CHANNEL:
+                # Decided out of turn, which cannot reorder the history: this message is only told to retry.
+                if await self._should_answer(message, me):
+                    self.bot.metrics.observe_reply(ReplyOutcome.BUSY)
+                    await self._tell_busy(message, "channel queue full")
                 return
-            wait = self._cooldown_left(message.author.id)
-            if wait > 0:
-                await self._reply_short(message, COOLDOWN_TEXT.format(seconds=max(wait, 1)))
-                return
-            await self._answer(message)
+            async with self._turn(channel_id):
+                if await self._should_answer(message, me):
+                    await self._answer(message, me)
         except Exception as error:
             self.bot.metrics.count_error(error_kind(error))
-            log.exception("answering message %s in channel %s failed", message.id, message.channel.id)
+            log.exception("answering message %s in channel %s failed", message.id, channel_id)
             text = f"Sorry: {error}" if isinstance(error, EngineError) and str(error) else ERROR_TEXT
             with suppress(discord.HTTPException):
                 await self._reply_short(message, text)
 
-    async def _should_answer(self, message: discord.Message) -> bool:
-        me = self.bot.user
-        if me is None or message.author.bot or message.webhook_id is not None:
-            return False  # bots (this one included) and webhooks
-        if message.type not in CONVERSATION_TYPES or not prompt_text(message, me):
-            return False  # system messages, and messages with nothing to answer
+    @asynccontextmanager
+    async def _turn(self, channel_id: int) -> AsyncIterator[None]:
+        """Hold the channel's lock; messages get it in arrival order (asyncio locks are FIFO), and each counts as
+        waiting until it has it. Taken before deciding, because deciding awaits (the store, a fetch of the
+        replied-to message): a plain message in an "all" channel must not be overtaken by a mention after it."""
+        lock = self.bot.channel_lock(channel_id)
+        self._waiting[channel_id] += 1
+        try:
+            await lock.acquire()
+        finally:
+            self._waiting[channel_id] -= 1
+            if not self._waiting[channel_id]:
+                del self._waiting[channel_id]
+        try:
+            yield
+        finally:
+            lock.release()
+
+    async def _should_answer(self, message: discord.Message, me: discord.abc.User) -> bool:
+        """For a message `is_conversation` let through: is it addressed to the bot here?"""
         if isinstance(message.channel, discord.DMChannel) or any(user.id == me.id for user in message.mentions):
             return True
         overrides = await self.bot.store.get_channel_settings(message.channel.id)
@@ -234,44 +275,43 @@ class ChatCog(commands.Cog):
         self._last_prompt[user_id] = now
         return 0.0
 
-    async def _answer(self, message: discord.Message) -> None:
-        """Answer under the channel's lock, and record how the reply ended, whatever happens (errors propagate)."""
-        async with self.bot.channel_lock(message.channel.id):
-            reply = _ReplyRecord()
-            try:
-                await self._answer_locked(message, reply)
-            finally:
-                self._record(message.channel.id, reply)
+    async def _answer(self, message: discord.Message, me: discord.abc.User) -> None:
+        """Answer (the channel's lock held), and record how the reply ended, whatever happens (errors propagate)."""
+        wait = self._cooldown_left(message.author.id)
+        if wait > 0:
+            await self._reply_short(message, COOLDOWN_TEXT.format(seconds=max(wait, 1)))
+            return
+        reply = _ReplyRecord()
+        try:
+            await self._reply(message, me, reply)
+        except EngineBusyError:
+            reply.outcome = ReplyOutcome.BUSY
+            await self._tell_busy(message, "engine busy")
+        finally:
+            self._record(message.channel.id, reply)
 
-    async def _answer_locked(self, message: discord.Message, reply: _ReplyRecord) -> None:
+    async def _reply(self, message: discord.Message, me: discord.abc.User, reply: _ReplyRecord) -> None:
+        """Prompt, generate, stream the reply into Discord, store the user's message and the reply.
+
+        The prompt is the stored history plus this message, which is stored only once the engine has accepted the
+        request: a busy engine or a prompt error leaves no unanswered turn behind, and a retry is stored once.
+        """
         bot, store, channel_id = self.bot, self.bot.store, message.channel.id
-        assert bot.user is not None
         config = ChannelConfig.resolve(bot.settings, await store.get_channel_settings(channel_id))
-        await store.append_message(
-            channel_id,
-            Role.USER,
-            prompt_text(message, bot.user),
+        question = StoredMessage(
+            id=0,  # not stored yet
+            channel_id=channel_id,
+            role=Role.USER,
+            content=prompt_text(message, me),
             author_id=message.author.id,
             author_name=message.author.display_name,
             message_id=message.id,
+            created_at=message.created_at,
         )
-        history = await store.load_history(channel_id, bot.settings.history_limit)
+        history = [*await store.load_history(channel_id, bot.settings.history_limit - 1), question]
         sampling = SamplingParams(
             temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens
         )
-        async with message.channel.typing():  # while the prompt is processed, until the first token
-            prompt = await bot.engine.prepare(build_chat(config.system_prompt, history), config.max_new_tokens)
-            try:
-                stream = reply.stream = bot.engine.generate(prompt, sampling)
-            except EngineBusyError:
-                reply.outcome = ReplyOutcome.BUSY
-                bot.metrics.count_error(ErrorKind.BUSY)
-                log.info("engine busy: told user %s in channel %s to retry", message.author.id, channel_id)
-                await self._reply_short(message, BUSY_TEXT)
-                return
-            deltas = aiter(stream)
-            first = await anext(deltas, None)
-
         stopped = False
 
         async def stop() -> None:
@@ -280,9 +320,23 @@ class ChatCog(commands.Cog):
             await stream.cancel()
 
         writer = ReplyWriter(message, lambda: StopButton(message.author.id, stop), bot.settings.edit_interval_seconds)
-        text = first or ""
+        text = ""
         try:
+            async with message.channel.typing():  # while the prompt is processed, until the first token
+                prompt = await bot.engine.prepare(build_chat(config.system_prompt, history), config.max_new_tokens)
+                stream = reply.stream = bot.engine.generate(prompt, sampling)  # EngineBusyError at once when full
+                await store.append_message(
+                    channel_id,
+                    Role.USER,
+                    question.content,
+                    author_id=question.author_id,
+                    author_name=question.author_name,
+                    message_id=question.message_id,
+                )
+                deltas = aiter(stream)
+                first = await anext(deltas, None)
             if first is not None:
+                text = first
                 await writer.show(text, final=False)
                 async for delta in deltas:
                     if stopped:  # tokens generated before the abort may still be queued: drop them
@@ -291,23 +345,26 @@ class ChatCog(commands.Cog):
                     if writer.throttle.ready():
                         await writer.show(text, final=False)
             cut_short = stopped  # a press after the last token changes nothing
+            notes = (STOPPED_NOTE if cut_short else "") + (TRUNCATED_NOTE if prompt.truncated else "")
             await asyncio.sleep(writer.throttle.delay())
-            await writer.show(text + STOPPED_NOTE if cut_short else text, final=True)
+            await writer.show(text + notes, final=True)
         except Exception:
-            with suppress(discord.HTTPException):  # take the Stop button off what was posted
-                await writer.show(text, final=True)
+            if writer.messages:
+                with suppress(discord.HTTPException):  # take the Stop button off what was posted
+                    await writer.show(text, final=True)
             raise
         finally:
             writer.stop_button()
-            await stream.cancel()  # a no-op after a finished generation; frees the slot after a failure
+            if reply.stream is not None:
+                await reply.stream.cancel()  # a no-op after a finished generation; frees the slot after a failure
         reply.outcome = ReplyOutcome.CANCELLED if cut_short else ReplyOutcome.COMPLETED
         if text.strip():
             await store.append_message(
                 channel_id,
                 Role.ASSISTANT,
                 text,
-                author_id=bot.user.id,
-                author_name=bot.user.display_name,
+                author_id=me.id,
+                author_name=me.display_name,
                 message_id=writer.messages[0].id,
             )
 
@@ -316,6 +373,11 @@ class ChatCog(commands.Cog):
         self.bot.metrics.observe_reply(reply.outcome, request)
         if request is not None:
             log_reply(channel_id, request, reply.outcome)
+
+    async def _tell_busy(self, message: discord.Message, why: str) -> None:
+        self.bot.metrics.count_error(ErrorKind.BUSY)
+        log.info("%s: told user %s in channel %s to retry", why, message.author.id, message.channel.id)
+        await self._reply_short(message, BUSY_TEXT)
 
     async def _reply_short(self, message: discord.Message, text: str) -> None:
         await message.channel.send(
