@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     ask = add("ask", "print one answer to a question, for scripts")
     ask.add_argument("question", help="the question to answer")
     add("info", "print the model and tokenizer info")
+    from bot.bench import add_arguments as add_bench_arguments  # stdlib-only at import: --help stays instant
+
+    add_bench_arguments(add("bench", "measure the engine against the seed's one-at-a-time pipeline"))
     return parser
 
 
@@ -38,6 +41,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from bot.settings import load_settings
 
     overrides = {"model": args.model} if args.model else {}
+    overrides |= {name: getattr(args, name) for name in ("device", "dtype") if getattr(args, name, None)}
     settings = load_settings(**overrides)
     if args.command == "run":
         from bot.app import run_bot
@@ -47,5 +51,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         from bot import terminal
 
         getattr(terminal, f"{args.command}_command")(settings, args)
+    elif args.command == "bench":
+        from bot.bench import bench_command
+
+        bench_command(settings, args, sys.argv[1:] if argv is None else list(argv))
     else:
         sys.exit(f"unknown command {args.command!r}")
