@@ -452,18 +452,33 @@ def concurrency_list(text: str) -> list[int]:
     return levels
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `bench` sub-command's options (`--model` is added by the CLI for every sub-command)."""
     parser.add_argument("--concurrency", type=concurrency_list, default=[1, 8], help="engine levels (default 1,8)")
-    parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per conversation (default 64)")
+    parser.add_argument(
+        "--new-tokens", type=positive_int, default=64, help="tokens generated per conversation (default 64)"
+    )
     parser.add_argument("--prompts", type=Path, help="text file, one user message per line (default: 16 built in)")
     parser.add_argument(
         "--baseline", action=argparse.BooleanOptionalAction, default=True, help="run the pipeline baseline too"
     )
     parser.add_argument(
-        "--baseline-requests", type=int, help="conversations for the baseline (default: the largest concurrency)"
+        "--baseline-requests",
+        type=positive_int,
+        help="conversations for the baseline (default: the largest concurrency)",
     )
-    parser.add_argument("--rounds", type=int, default=1, help="alternate baseline and engine this many times")
+    parser.add_argument("--rounds", type=positive_int, default=1, help="alternate baseline and engine this many times")
     parser.add_argument("--out", type=Path, default=Path("bench-results/engine"), help="where bench.json/.md go")
     parser.add_argument("--device", help="override DEVICE (auto, cpu, cuda, cuda:N, mps)")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="override DTYPE")
