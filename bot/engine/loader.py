@@ -29,6 +29,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import validate_repo_id
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from bot.engine.cpu_linear import can_pack, pack_linear_weights
 from bot.engine.errors import ModelLoadError
 from bot.engine.templating import read_chat_template
 from bot.settings import Settings
@@ -88,6 +89,8 @@ def load_model(settings: Settings) -> LoadedModel:
     except Exception as error:
         raise ModelLoadError(explain_load_error(name, error)) from error
     model.eval()
+    if can_pack(model):
+        log.info("packed %d linear layers for oneDNN", pack_linear_weights(model))
     if template is not None:
         tokenizer.chat_template = template
     return LoadedModel(model, tokenizer, source, device, dtype, origin)
