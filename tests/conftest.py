@@ -1,9 +1,13 @@
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
+from bot.engine.executor import AsyncEngine
+from tests.bot_harness import RecordingEngine, lively_engine
+from tests.fake_discord import FakeDiscord
 from tests.tiny_model import save_tiny_llama
 
 
@@ -31,3 +35,23 @@ def smollm2_cache_dir() -> Path:
     cache_dir = Settings.model_fields["model_cache_dir"].default
     convert_gguf(gguf, cache_dir)
     return cache_dir
+
+
+@pytest.fixture(scope="module")
+async def tiny_engine(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[AsyncEngine]:
+    """One real engine per bot test module, on the tiny Llama with livelier weights; tests wrap it in doubles."""
+    async with lively_engine(tiny_model_dir, tmp_path_factory.mktemp("lively-llama")) as engine:
+        yield engine
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeDiscord]:
+    """A fresh fake Discord server on 127.0.0.1 for each test."""
+    async with FakeDiscord() as fake:
+        yield fake
+
+
+@pytest.fixture
+def engine(tiny_engine: AsyncEngine) -> RecordingEngine:
+    """The module's engine, recording every prompt the bot prepares."""
+    return RecordingEngine(tiny_engine)

@@ -44,24 +44,6 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 DISCORD_LIMIT = 2000
 
 
-@pytest.fixture(scope="module")
-async def tiny_engine(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[AsyncEngine]:
-    """One real engine for the module; each test wraps it in its own double."""
-    async with lively_engine(tiny_model_dir, tmp_path_factory.mktemp("lively-llama")) as engine:
-        yield engine
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeDiscord]:
-    async with FakeDiscord() as fake:
-        yield fake
-
-
-@pytest.fixture
-def engine(tiny_engine: AsyncEngine) -> RecordingEngine:
-    return RecordingEngine(tiny_engine)
-
-
 @pytest.fixture
 async def bot(fake: FakeDiscord, engine: RecordingEngine, tmp_path: Path) -> AsyncIterator[LlamacordBot]:
     # Greedy decoding: the tiny model's replies are then the same on every run.

@@ -20,7 +20,6 @@ from tests.bot_harness import (
     RecordingEngine,
     bot_settings,
     has_no_pings,
-    lively_engine,
     message_bodies,
     running_bot,
     wait_for_reply,
@@ -28,23 +27,6 @@ from tests.bot_harness import (
 from tests.fake_discord import CALLBACK_DEFERRED_MESSAGE, CALLBACK_MESSAGE, CONTENT_LIMIT, EPHEMERAL_FLAG, FakeDiscord
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
-
-
-@pytest.fixture(scope="module")
-async def tiny_engine(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[AsyncEngine]:
-    async with lively_engine(tiny_model_dir, tmp_path_factory.mktemp("lively-llama")) as engine:
-        yield engine
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeDiscord]:
-    async with FakeDiscord() as fake:
-        yield fake
-
-
-@pytest.fixture
-def engine(tiny_engine: AsyncEngine) -> RecordingEngine:
-    return RecordingEngine(tiny_engine)
 
 
 @pytest.fixture

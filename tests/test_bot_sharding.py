@@ -4,7 +4,6 @@ SHARD_COUNT=auto takes the count from GET /gateway/bot but keeps DISCORD_GATEWAY
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -12,22 +11,10 @@ import pytest
 from bot.client import LlamacordBot, ShardedLlamacordBot
 from bot.engine.executor import AsyncEngine
 from storage import Role
-from tests.bot_harness import RecordingEngine, bot_settings, lively_engine, running_bot, wait_for_reply
+from tests.bot_harness import RecordingEngine, bot_settings, running_bot, wait_for_reply
 from tests.fake_discord import OP_IDENTIFY, FakeDiscord
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
-
-
-@pytest.fixture(scope="module")
-async def tiny_engine(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[AsyncEngine]:
-    async with lively_engine(tiny_model_dir, tmp_path_factory.mktemp("lively-llama")) as engine:
-        yield engine
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeDiscord]:
-    async with FakeDiscord() as fake:
-        yield fake
 
 
 @pytest.fixture(autouse=True)
