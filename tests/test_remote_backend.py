@@ -14,13 +14,21 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx2
 import pytest
 from openai.types import Model
 
 from bot.engine.backend import create_engine
 from bot.engine.errors import EngineBusyError, EngineError, GenerationError
 from bot.engine.executor import FinishReason
-from bot.engine.remote import RemoteEngine, RemoteRequestStream, ServedModel, served_model
+from bot.engine.remote import (
+    UNREACHABLE,
+    RemoteEngine,
+    RemoteRequestStream,
+    ServedModel,
+    served_model,
+    transport_message,
+)
 from bot.engine.sampling import SamplingParams
 from bot.settings import Settings
 from tests.openai_server import OpenAIServer
@@ -30,7 +38,6 @@ POLL_S = 0.05
 # Greedy decoding of the tiny model never emits EOS, so this runs for minutes unless it is really aborted.
 ENDLESS = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=50_000)
 SHORT = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=8)
-UNREACHABLE = "The model server can't be reached right now. Please try again in a moment."
 CHAT = [
     {"role": "system", "content": "You are a helpful assistant."},
     {"role": "user", "content": "Alice: what is the capital of France?"},
@@ -287,3 +294,10 @@ async def _until(condition: Callable[[], bool]) -> None:
             return
         await asyncio.sleep(POLL_S)
     raise AssertionError(f"not true within {WAIT_S} s")
+
+
+def test_a_connection_lost_mid_reply_reads_as_the_server_being_unreachable() -> None:
+    """The client raises httpx2's own errors when a stream breaks after it started; users get the same words."""
+    assert transport_message(httpx2.RemoteProtocolError("peer closed connection")) == UNREACHABLE
+    assert transport_message(httpx2.ReadError("connection reset")) == UNREACHABLE
+    assert transport_message(httpx2.ReadTimeout("read timed out")) != UNREACHABLE

@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 from time import perf_counter
 from typing import Any
 
+import httpx2
 import openai
 from openai import AsyncOpenAI
 from openai.types import Model
@@ -343,6 +344,9 @@ class RemoteEngine:
         except openai.OpenAIError as error:
             log.error("remote request %s failed: %s", stream.request_id, _describe(error))
             stream._finish(FinishReason.ERROR, GenerationError(user_message(error)))
+        except httpx2.TransportError as error:  # mid-stream the client does not wrap these in its own errors
+            log.error("remote request %s lost its connection: %r", stream.request_id, error)
+            stream._finish(FinishReason.ERROR, GenerationError(transport_message(error)))
         except Exception:
             log.exception("remote request %s failed on an unexpected reply", stream.request_id)
             stream._finish(FinishReason.ERROR, GenerationError("The model server sent a reply the bot cannot read."))
@@ -385,12 +389,21 @@ def _read_chunk(stream: RemoteRequestStream, chunk: ChatCompletionChunk) -> Fini
     return reason
 
 
+TIMED_OUT = "The model server took too long to answer. Please try again in a moment."
+UNREACHABLE = "The model server can't be reached right now. Please try again in a moment."
+
+
+def transport_message(error: httpx2.TransportError) -> str:
+    """A short message for a connection that failed or dropped mid-reply."""
+    return TIMED_OUT if isinstance(error, httpx2.TimeoutException) else UNREACHABLE
+
+
 def user_message(error: openai.OpenAIError) -> str:
     """A short message for the user; `_describe` gives the log the details."""
     if isinstance(error, openai.APITimeoutError):
-        return "The model server took too long to answer. Please try again in a moment."
+        return TIMED_OUT
     if isinstance(error, openai.APIConnectionError):
-        return "The model server can't be reached right now. Please try again in a moment."
+        return UNREACHABLE
     if isinstance(error, openai.APIStatusError):
         status = error.status_code
         if status in (401, 403):
