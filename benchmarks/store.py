@@ -36,6 +36,7 @@ import aiosqlite
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bot.bench import cpu_model
 from storage import Store
 
 
@@ -52,16 +53,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=Path("bench-results/store.json"), help="where to write results")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def fill(path: Path, messages: int, channels: int, rng: random.Random) -> float:
