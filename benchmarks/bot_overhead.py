@@ -1,7 +1,7 @@
 """Bot overhead: from a Discord message arriving to the first visible reply token and to the final edit, under N
 concurrent channels, next to the engine's own time to first token.
 
-    python benchmarks/bot_overhead.py --channels 8 --rounds 5
+    python -m benchmarks.bot_overhead --channels 8 --rounds 5
 
 The real bot (discord.py, the chat cog, the SQLite store, the real `AsyncEngine` on the tiny random Llama from
 tests/) runs against the fake Discord from tests/ on 127.0.0.1. Each round, one user message mentioning the bot
@@ -35,13 +35,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bot.bench import percentile
-from bot.engine.executor import AsyncEngine
-from tests.bot_harness import bot_settings, running_bot, wait_for_reply
-from tests.fake_discord import FakeDiscord
-from tests.tiny_model import save_tiny_llama
+from benchmarks.bench import percentile
+from bot.engine.local.executor import AsyncEngine
+from tests.support.bot_harness import bot_settings, running_bot, wait_for_reply
+from tests.support.fake_discord import FakeDiscord
+from tests.support.tiny_model import save_tiny_llama
 
 
 @dataclass(slots=True)
@@ -196,7 +194,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"- date: {report['date']}; command: `{report['command']}`",
         f"- {report['channels']} concurrent channels × {report['rounds']} rounds = {report['replies']} replies, "
-        f"tiny random Llama (tests/tiny_model.py), up to {report['new_tokens']} new tokens, "
+        f"tiny random Llama (tests/support/tiny_model.py), up to {report['new_tokens']} new tokens, "
         f"EDIT_INTERVAL_SECONDS={report['edit_interval_s']}; "
         f"mean generated tokens {report['generated_tokens_mean']:.1f}",
         f"- machine: {report['machine']}; load average at start {report['load_average_start']}, "
@@ -223,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
         timings = asyncio.run(measure(args, Path(scratch)))
     report = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        "command": "python -m benchmarks.bot_overhead " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
         "load_average_start": load_start,
         "load_average_end": [round(v, 2) for v in os.getloadavg()],

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The H100 benchmark in one run (issue 6): the Llama-3.2-1B architecture in bf16 with random weights (the real
-# config, an offline tokenizer of the real vocab size; see bot/random_llama.py), our engine at 1, 8, 32 and 64
+# config, an offline tokenizer of the real vocab size; see benchmarks/random_llama.py), our engine at 1, 8, 32 and 64
 # concurrent conversations against the seed's one-at-a-time pipeline. It finishes within 8 minutes.
 #
 # The GPU machine has torch and transformers but reaches no package registry, and its transformers is not the

@@ -1,6 +1,6 @@
 """Store benchmark: append latency and "load the last 50 messages of one channel" latency in a large database.
 
-    python benchmarks/store.py --messages 1000000 --channels 10000
+    python -m benchmarks.store --messages 1000000 --channels 10000
 
 1. `Store.open` creates an empty database (so the schema is the store's own, migrations included) and closes it.
 2. The fill goes around the store for speed: plain sqlite3, one transaction, `executemany`, synchronous=OFF (the
@@ -34,9 +34,7 @@ from pathlib import Path
 
 import aiosqlite
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bot.bench import cpu_model
+from benchmarks.bench import cpu_model
 from storage import Store
 
 
@@ -170,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "benchmark": "store",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": "python benchmarks/store.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m benchmarks.store " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": {
             "cpu": cpu_model(),
             "cpus": os.cpu_count(),

@@ -12,11 +12,16 @@ import logging
 import signal
 import sys
 from contextlib import AsyncExitStack, suppress
+from typing import Any
 
 import discord
 
+from bot.chat.locks import ChannelLocks
+from bot.chat.pipeline import TurnPipeline
 from bot.client import LlamacordBot, create_bot
-from bot.engine.backend import Engine, create_engine
+from bot.cogs import build_cogs
+from bot.engine.api import Engine
+from bot.engine.backend import create_engine
 from bot.engine.errors import ModelLoadError
 from bot.logs import configure_logging
 from bot.metrics import Metrics, MetricsServer
@@ -37,6 +42,13 @@ NO_INTENT = (
     "Discord refused the Message Content intent. Enable it in the Developer Portal: your application > Bot > "
     "Privileged Gateway Intents > Message Content Intent."
 )
+
+
+def discord_bot(settings: Settings, store: Store, engine: Engine, metrics: Metrics, **options: Any) -> LlamacordBot:
+    """The bot SHARD_COUNT asks for, with its cogs over one turn pipeline. `options` go to discord.py's bot."""
+    pipeline = TurnPipeline(store, engine, settings, metrics)
+    locks = ChannelLocks()
+    return create_bot(settings, cogs=lambda bot: build_cogs(bot, pipeline, locks), **options)
 
 
 def run_bot(settings: Settings) -> None:
@@ -89,7 +101,7 @@ async def serve(settings: Settings) -> None:
             raise SystemExit(f"Cannot load the model: {error}") from None
         stack.push_async_callback(engine.shutdown)
         metrics.watch_engine(engine.stats)
-        bot = await stack.enter_async_context(create_bot(settings, store, engine, metrics=metrics))
+        bot = await stack.enter_async_context(discord_bot(settings, store, engine, metrics))
         try:
             await bot.start(settings.discord_token.get_secret_value())
         except discord.LoginFailure:

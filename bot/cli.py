@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask = add("ask", "print one answer to a question, for scripts")
     ask.add_argument("question", help="the question to answer")
     add("info", "print the model and tokenizer info")
-    from bot.bench import add_arguments as add_bench_arguments  # stdlib-only at import: --help stays instant
+    from benchmarks.bench import add_arguments as add_bench_arguments  # stdlib-only at import: --help stays instant
 
     add_bench_arguments(add("bench", "measure the engine against the seed's one-at-a-time pipeline"))
     return parser
@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         getattr(terminal, f"{args.command}_command")(settings, args)
     elif args.command == "bench":
-        from bot.bench import bench_command
+        from benchmarks.bench import bench_command
 
         bench_command(settings, args, sys.argv[1:] if argv is None else list(argv))
     else:

@@ -1,5 +1,6 @@
-"""`LlamacordBot`: the discord.py client. It holds the settings, store, engine and metrics (passed in, so tests can
-hand it a tiny engine and a temporary store) and the per-channel locks, loads the cogs and syncs the slash commands.
+"""`LlamacordBot`: the discord.py client. It is handed its settings and the factory of its cogs (which are handed the
+store, engine and pipeline they use, so tests can give them a tiny engine and a temporary store), adds the cogs and
+syncs the slash commands.
 
 `create_bot` picks the class from SHARD_COUNT: `LlamacordBot` (one gateway connection) or `ShardedLlamacordBot`,
 the same bot on discord.py's `AutoShardedBot`, which runs several shards over one connection each in this process.
@@ -7,31 +8,24 @@ the same bot on discord.py's `AutoShardedBot`, which runs several shards over on
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import weakref
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import discord
 import yarl
 from discord import app_commands
 from discord.ext import commands
 
-from bot.cogs import Denied, respond
-from bot.cogs.admin import AdminCog
-from bot.cogs.chat import ChatCog
-from bot.cogs.info import InfoCog
+from bot.cogs.common import Denied, respond
 from bot.engine.errors import EngineError
-from bot.metrics import Metrics
 from bot.settings import Settings
-from storage import Store
-
-if TYPE_CHECKING:
-    from bot.engine.backend import Engine
 
 log = logging.getLogger(__name__)
 
 COMMAND_FAILED = "Something went wrong running that command. It has been logged; please try again."
+
+CogFactory = Callable[[commands.Bot], Iterable[commands.Cog]]
 
 
 def use_discord_endpoints(api_base_url: str, gateway_url: str) -> None:
@@ -48,12 +42,10 @@ def use_discord_endpoints(api_base_url: str, gateway_url: str) -> None:
 
 
 class LlamacordBot(commands.Bot):
-    """Slash commands and chat over one engine and one store. `options` go to `commands.Bot` (tests lower
+    """The client that runs the cogs `cogs` makes for it. `options` go to `commands.Bot` (tests lower
     `guild_ready_timeout`, which otherwise delays `on_ready` by two seconds)."""
 
-    def __init__(
-        self, settings: Settings, store: Store, engine: Engine, *, metrics: Metrics | None = None, **options: Any
-    ) -> None:
+    def __init__(self, settings: Settings, *, cogs: CogFactory, **options: Any) -> None:
         intents = discord.Intents.none()
         intents.guilds = True
         intents.guild_messages = True
@@ -69,25 +61,12 @@ class LlamacordBot(commands.Bot):
         )
         use_discord_endpoints(settings.discord_api_base_url, settings.discord_gateway_url)
         self.settings = settings
-        self.store = store
-        self.engine = engine
-        self.metrics = metrics if metrics is not None else Metrics()
-        self._channel_locks: weakref.WeakValueDictionary[int, asyncio.Lock] = weakref.WeakValueDictionary()
+        self._make_cogs = cogs
         self.tree.error(self._on_app_command_error)
 
-    def channel_lock(self, channel_id: int) -> asyncio.Lock:
-        """The lock under which one channel's messages are decided and answered, in arrival order, and /reset
-        clears its history, so a message that arrives while the channel is being answered waits its turn. Held
-        only while in use: unused locks are dropped with their last reference."""
-        lock = self._channel_locks.get(channel_id)
-        if lock is None:
-            lock = self._channel_locks[channel_id] = asyncio.Lock()
-        return lock
-
     async def setup_hook(self) -> None:
-        await self.add_cog(ChatCog(self))
-        await self.add_cog(AdminCog(self))
-        await self.add_cog(InfoCog(self))
+        for cog in self._make_cogs(self):
+            await self.add_cog(cog)
         if self.settings.dev_guild_id is None:
             synced = await self.tree.sync()
             log.info("synced %d slash commands globally (Discord may take a while to show them)", len(synced))
@@ -134,9 +113,9 @@ class ShardedLlamacordBot(LlamacordBot, commands.AutoShardedBot):
     """The same bot on `AutoShardedBot` (a drop-in subclass of `Bot`): SHARD_COUNT shards, or the count Discord
     recommends for SHARD_COUNT=auto, of which this process runs SHARD_IDS (default: all)."""
 
-    def __init__(self, settings: Settings, store: Store, engine: Engine, **options: Any) -> None:
+    def __init__(self, settings: Settings, *, cogs: CogFactory, **options: Any) -> None:
         count = settings.shard_count if isinstance(settings.shard_count, int) else None  # None: ask Discord
-        super().__init__(settings, store, engine, shard_count=count, shard_ids=settings.shard_ids, **options)
+        super().__init__(settings, cogs=cogs, shard_count=count, shard_ids=settings.shard_ids, **options)
 
     async def launch_shards(self) -> None:
         # Without a count, discord.py takes both the count and the URL from GET /gateway/bot. Take the count only,
@@ -156,7 +135,7 @@ class ShardedLlamacordBot(LlamacordBot, commands.AutoShardedBot):
         log.info("running shards %s of %s", sorted(self.shards), self.shard_count)
 
 
-def create_bot(settings: Settings, store: Store, engine: Engine, **options: Any) -> LlamacordBot:
+def create_bot(settings: Settings, *, cogs: CogFactory, **options: Any) -> LlamacordBot:
     """The bot SHARD_COUNT asks for: one gateway connection when it is unset, else sharded."""
     bot_class = LlamacordBot if settings.shard_count is None else ShardedLlamacordBot
-    return bot_class(settings, store, engine, **options)
+    return bot_class(settings, cogs=cogs, **options)

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, TextIO
 
 if TYPE_CHECKING:
-    from bot.metrics import RequestMetricsLike
+    from bot.engine.api import RequestMetrics
 
 REPLY_LOGGER = "llamacord.reply"
 
@@ -88,7 +88,7 @@ def configure_logging(level: str, stream: TextIO | None = None) -> None:
         logging.getLogger(name).setLevel(quiet)
 
 
-def tokens_per_second(request: RequestMetricsLike) -> float | None:
+def tokens_per_second(request: RequestMetrics) -> float | None:
     """Decode speed: tokens after the first over the seconds after the first. None when it cannot be measured."""
     if request.ttft_s is None or request.total_s is None or request.generated_tokens < 2:
         return None
@@ -96,7 +96,7 @@ def tokens_per_second(request: RequestMetricsLike) -> float | None:
     return (request.generated_tokens - 1) / decode_s if decode_s > 0 else None
 
 
-def reply_fields(channel_id: int, request: RequestMetricsLike, outcome: str) -> dict[str, object]:
+def reply_fields(channel_id: int, request: RequestMetrics, outcome: str) -> dict[str, object]:
     """The fields of the reply line. Ids and numbers only: adding message text here would break the privacy rule."""
     speed = tokens_per_second(request)
     return {
@@ -112,7 +112,7 @@ def reply_fields(channel_id: int, request: RequestMetricsLike, outcome: str) -> 
     }
 
 
-def log_reply(channel_id: int, request: RequestMetricsLike, outcome: str) -> None:
+def log_reply(channel_id: int, request: RequestMetrics, outcome: str) -> None:
     """Log the one INFO line of a finished reply (`msg=reply`), from the engine's `RequestMetrics`."""
     logging.getLogger(REPLY_LOGGER).info("reply", extra=reply_fields(channel_id, request, outcome))
 

@@ -2,8 +2,8 @@
 
 The metrics live on a registry of their own rather than prometheus-client's global one, so tests and several bots
 in one process never collide. Engine gauges are read from `engine.stats()` at scrape time, so they cannot go stale.
-The engine and the gateway are seen only through callables and protocols: this module imports neither torch nor
-discord.py.
+The engine is seen through its API types (`bot.engine.api`) and the gateway through a callable: this module imports
+neither torch nor discord.py.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from enum import StrEnum
-from typing import Protocol
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -19,6 +18,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 from bot import __version__
+from bot.engine.api import EngineStats, RequestMetrics
 
 log = logging.getLogger(__name__)
 
@@ -49,36 +49,6 @@ class ErrorKind(StrEnum):
     INTERNAL = "internal"  # anything else: a bug
 
 
-class EngineStatsLike(Protocol):
-    """What the metrics read of `bot.engine`'s `EngineStats`."""
-
-    @property
-    def waiting(self) -> int: ...
-    @property
-    def running(self) -> int: ...
-    @property
-    def max_batch_size(self) -> int: ...
-    @property
-    def max_queued_requests(self) -> int: ...
-
-
-class RequestMetricsLike(Protocol):
-    """What the metrics and the reply log read of `bot.engine`'s `RequestMetrics` (times share one origin)."""
-
-    @property
-    def queue_wait_s(self) -> float | None: ...
-    @property
-    def ttft_s(self) -> float | None: ...  # None when no token came
-    @property
-    def prompt_tokens(self) -> int: ...
-    @property
-    def generated_tokens(self) -> int: ...
-    @property
-    def total_s(self) -> float | None: ...
-    @property
-    def finish_reason(self) -> str | None: ...
-
-
 class _EngineStatsCollector:
     """Reads one `EngineStats` snapshot per scrape, so waiting and running are consistent with each other."""
 
@@ -94,7 +64,7 @@ class _EngineStatsCollector:
     )
 
     def __init__(self) -> None:
-        self.stats: Callable[[], EngineStatsLike] | None = None
+        self.stats: Callable[[], EngineStats] | None = None
 
     def describe(self) -> Iterable[Metric]:
         # Given so that registering does not call the engine (which may not be loaded yet).
@@ -151,11 +121,11 @@ class Metrics:
         for kind in ErrorKind:
             self.errors.labels(kind=kind)
 
-    def watch_engine(self, stats: Callable[[], EngineStatsLike]) -> None:
+    def watch_engine(self, stats: Callable[[], EngineStats]) -> None:
         """Export queue depth and in-flight requests from `stats()` (normally `engine.stats`) at each scrape."""
         self._engine.stats = stats
 
-    def observe_reply(self, outcome: ReplyOutcome | str, request: RequestMetricsLike | None = None) -> None:
+    def observe_reply(self, outcome: ReplyOutcome | str, request: RequestMetrics | None = None) -> None:
         """Count one reply; with the engine's `RequestMetrics`, also its tokens and timings.
 
         Time to first token is observed whenever a token came; total latency only for completed replies, so that

@@ -12,6 +12,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from storage.models import MAX_NEW_TOKENS_RANGE, TEMPERATURE_RANGE, TOP_P_RANGE
+
 DEFAULT_MODEL = "meta-llama/Llama-3.2-1B-Instruct"
 DEFAULT_SYSTEM_PROMPT = (
     "You are Llamacord, a helpful assistant chatting on Discord. Each user message begins with the "
@@ -55,9 +57,9 @@ class Settings(BaseSettings):
 
     # Generation defaults (a channel may override the sampling ones with /config)
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
-    temperature: float = Field(default=0.7, ge=0.0, le=2.0)
-    top_p: float = Field(default=0.9, gt=0.0, le=1.0)
-    max_new_tokens: int = Field(default=512, ge=1, le=8192)
+    temperature: float = Field(default=0.7, ge=TEMPERATURE_RANGE[0], le=TEMPERATURE_RANGE[1])
+    top_p: float = Field(default=0.9, gt=TOP_P_RANGE[0], le=TOP_P_RANGE[1])
+    max_new_tokens: int = Field(default=512, ge=MAX_NEW_TOKENS_RANGE[0], le=MAX_NEW_TOKENS_RANGE[1])
     max_prompt_tokens: int = Field(default=4096, ge=64)
 
     # Backend: the in-process model (local) or an OpenAI-compatible server (openai: vLLM, SGLang, llama.cpp, ...)

@@ -1,8 +1,9 @@
 """`llamacord chat`, `ask` and `info`: the model in a terminal, on the same engine and store as the bot.
 
-`chat` keeps its conversation in the bot's SQLite database as a channel of its own (`TERMINAL_CHANNEL_ID`), so it
-survives restarts and `/reset` works as in Discord. Lines are read in a daemon thread: the loop keeps streaming
-tokens meanwhile. Ctrl-C stops a reply; at the prompt, Ctrl-C or Ctrl-D quits.
+`chat` answers through the same turn pipeline as Discord and keeps its conversation in the bot's database as a
+channel of its own (`TERMINAL_CHANNEL_ID`), so it survives restarts, follows that channel's system prompt and
+sampling settings, and `/reset` works as in Discord. Lines are read in a daemon thread: the loop keeps streaming
+tokens meanwhile. Ctrl-C stops a reply (as the Stop button does); at the prompt, Ctrl-C or Ctrl-D quits.
 """
 
 from __future__ import annotations
@@ -19,11 +20,14 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import TextIO
 
-from bot.conversation import build_chat
-from bot.engine.backend import Engine, create_engine
+from bot.chat.conversation import build_chat
+from bot.chat.pipeline import Reply, Speaker, TurnPipeline, UserTurn
+from bot.engine.api import Engine
+from bot.engine.backend import create_engine
 from bot.engine.errors import EngineError, ModelLoadError
 from bot.engine.sampling import SamplingParams
 from bot.logs import configure_logging
+from bot.metrics import Metrics
 from bot.settings import Settings
 from storage import Role, Store, StoreError
 
@@ -175,22 +179,55 @@ class StdinLines:
         return raw.decode(self._encoding, errors="replace").removesuffix("\r")
 
 
+class TerminalView:
+    """A reply printed as it streams (`bot.chat.pipeline.ReplyView`)."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.printed = 0  # characters of the reply already written
+
+    def preparing(self) -> contextlib.nullcontext[None]:
+        return contextlib.nullcontext()
+
+    async def show(self, text: str) -> None:
+        self.out.write(text[self.printed :])
+        self.out.flush()
+        self.printed = len(text)
+
+    async def finish(self, text: str) -> int | None:
+        await self.show(text)
+        self.out.write("\n")
+        self.out.flush()
+        return None
+
+    async def abandon(self, text: str) -> None:
+        if self.printed:
+            self.out.write("\n")
+            self.out.flush()
+
+
 class TerminalChat:
-    """The chat loop: commands, and one streamed reply per line, stored like a Discord channel's messages."""
+    """The chat loop: commands, and one streamed reply per line through the same turn pipeline as Discord, on a
+    channel of its own (`TERMINAL_CHANNEL_ID`)."""
 
     def __init__(self, engine: Engine, store: Store, settings: Settings, out: TextIO) -> None:
         self.engine = engine
         self.store = store
         self.settings = settings
         self.out = out
-        self.user_name = _user_name()
-        self._reply: asyncio.Task[None] | None = None
+        self.pipeline = TurnPipeline(store, engine, settings, Metrics())
+        self.speaker = Speaker(name=_user_name())
+        self._reply: Reply | None = None
+        self._stopping: set[asyncio.Task[None]] = set()
 
     def interrupt(self) -> bool:
-        """Stop the reply being streamed; False when none is (the caller then quits)."""
-        if self._reply is None or self._reply.done():
+        """Stop the reply being streamed, as Discord's Stop button does; False when none is (the caller then
+        quits)."""
+        if self._reply is None:
             return False
-        self._reply.cancel()
+        task = asyncio.get_running_loop().create_task(self._reply.stop())
+        self._stopping.add(task)
+        task.add_done_callback(self._stopping.discard)
         return True
 
     async def run(self, read_line: ReadLine) -> None:
@@ -208,17 +245,10 @@ class TerminalChat:
                     if not await self._command(line):
                         return
                 elif line.strip():
-                    self._reply = asyncio.create_task(self._answer(line.strip()))
-                    await self._reply
-            except asyncio.CancelledError:
-                current = asyncio.current_task()
-                if current is not None and current.cancelling():
-                    raise  # the session itself is being cancelled, not just the reply
+                    await self._answer(line.strip())
             except (EngineError, StoreError) as error:
                 log.exception("terminal reply failed")
                 self._say(f"(error: {error})")
-            finally:
-                self._reply = None
 
     async def _command(self, line: str) -> bool:
         """Run a slash command; False means quit."""
@@ -233,7 +263,7 @@ class TerminalChat:
             await self.store.update_channel_settings(TERMINAL_CHANNEL_ID, changed_by=None, system_prompt=argument)
             self._say("(system prompt set)")
         elif name == "/system":
-            self._say(f"System prompt: {await self._system_prompt()}")
+            self._say(f"System prompt: {(await self.pipeline.config(TERMINAL_CHANNEL_ID)).system_prompt}")
         elif name == "/info":
             self._say("\n".join(self.engine.info.lines()))
         elif name == "/help":
@@ -242,32 +272,17 @@ class TerminalChat:
             self._say(f"Unknown command {name}. {HELP}")
         return True
 
-    async def _system_prompt(self) -> str:
-        override = (await self.store.get_channel_settings(TERMINAL_CHANNEL_ID)).system_prompt
-        return override if override is not None else self.settings.system_prompt
-
     async def _answer(self, text: str) -> None:
-        """Store the line, stream the reply, and store what was shown (all of it, or up to Ctrl-C)."""
-        await self.store.append_message(TERMINAL_CHANNEL_ID, Role.USER, text, author_name=self.user_name)
-        history = await self.store.load_history(TERMINAL_CHANNEL_ID, self.settings.history_limit)
-        chat = build_chat(await self._system_prompt(), history)
-        reply = ""
+        """Answer one line through the turn pipeline; Ctrl-C meanwhile stops the reply."""
+
+        def view(reply: Reply) -> TerminalView:
+            self._reply = reply
+            return TerminalView(self.out)
+
         try:
-            prompt = await self.engine.prepare(chat, self.settings.max_new_tokens)
-            if prompt.truncated:
-                self._say("(your message is too long for the context window: its middle was cut)")
-            async for delta in self.engine.generate(prompt, SamplingParams.from_settings(self.settings)):
-                reply += delta
-                self.out.write(delta)
-                self.out.flush()
-        except asyncio.CancelledError:
-            self._say(" (stopped)")
-            raise
-        else:
-            self._say("")
+            await self.pipeline.answer(UserTurn(TERMINAL_CHANNEL_ID, text, self.speaker), view)
         finally:
-            if reply:
-                await asyncio.shield(self.store.append_message(TERMINAL_CHANNEL_ID, Role.ASSISTANT, reply))
+            self._reply = None
 
     def _say(self, text: str) -> None:
         self.out.write(text + "\n")

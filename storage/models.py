@@ -29,7 +29,8 @@ class ReplyMode(StrEnum):
 
 DEFAULT_REPLY_MODE = ReplyMode.MENTION
 
-# Bounds mirror bot/settings.py (TEMPERATURE, TOP_P, MAX_NEW_TOKENS); the store does not import bot/.
+# The bounds of the sampling settings, defined once here (the lowest layer): the global settings, a channel's
+# overrides, /config and the engine's `SamplingParams` all check these.
 TEMPERATURE_RANGE = (0.0, 2.0)  # inclusive
 TOP_P_RANGE = (0.0, 1.0)  # above 0, up to and including 1
 MAX_NEW_TOKENS_RANGE = (1, 8192)  # inclusive

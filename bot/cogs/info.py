@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.cogs import respond
-
-if TYPE_CHECKING:
-    from bot.client import LlamacordBot
+from bot.cogs.common import respond
+from bot.engine.api import Engine
 
 EMBED_DESCRIPTION_LIMIT = 4096
 TOKENS_SHOWN = 20  # /tokenize lists this many tokens
@@ -36,12 +32,12 @@ def _code_block(lines: list[str], limit: int) -> str:
 class InfoCog(commands.Cog):
     """Read-only commands anyone may use."""
 
-    def __init__(self, bot: LlamacordBot) -> None:
-        self.bot = bot
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
 
     @app_commands.command(name="info", description="The model and tokenizer behind the bot, and its queue")
     async def info(self, interaction: discord.Interaction) -> None:
-        engine = self.bot.engine
+        engine = self.engine
         stats = engine.stats()
         embed = discord.Embed(title="Model info", description=_code_block(engine.info.lines(), EMBED_DESCRIPTION_LIMIT))
         embed.add_field(name="Waiting", value=str(stats.waiting))
@@ -54,7 +50,7 @@ class InfoCog(commands.Cog):
     async def tokenize(
         self, interaction: discord.Interaction, text: app_commands.Range[str, 1, MAX_TOKENIZE_TEXT]
     ) -> None:
-        tokens = self.bot.engine.tokenize(text)
+        tokens = self.engine.tokenize(text)
         rows = [f"{token_id:>7}  {token_text[:TOKEN_TEXT_SHOWN]!r}" for token_id, token_text in tokens[:TOKENS_SHOWN]]
         shown = f"the first {TOKENS_SHOWN}" if len(tokens) > TOKENS_SHOWN else "all of them"
         header = f"**{len(tokens)} tokens** ({shown}, as `id  text`):"

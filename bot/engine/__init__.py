@@ -1,1 +1,2 @@
-"""The generation engine: model loading, chat templating within a token budget, and the batching executor."""
+"""The generation engine: the API both backends implement (`api`), chat templating within a token budget
+(`templating`), and the backends: `local` (the model in this process) and `remote` (an OpenAI-compatible server)."""

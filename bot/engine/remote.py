@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from time import perf_counter
 from typing import Any
@@ -32,16 +32,15 @@ from openai import AsyncOpenAI
 from openai.types import Model
 from openai.types.chat import ChatCompletionChunk
 
-from bot.engine.errors import EngineBusyError, EngineError, GenerationError
-from bot.engine.executor import EngineStats, FinishReason, RequestMetrics
+from bot.engine.api import EngineStats, FinishReason, Prompt, RequestTable, StreamBase
+from bot.engine.errors import SHUTTING_DOWN, EngineError, GenerationError
 from bot.engine.sampling import SamplingParams
-from bot.engine.templating import Prompt, PromptBuilder, read_chat_template, tokenize_plain
+from bot.engine.templating import PromptBuilder, read_chat_template, tokenize_plain
 from bot.engine.token_estimate import BYTES_PER_TOKEN, EstimatingTokenizer
 from bot.settings import Settings
 
 log = logging.getLogger(__name__)
 
-BUSY_TEXT = "I'm busy with other conversations right now. Please try again in a moment."
 # When neither the server nor a local config says how long the context is, only MAX_PROMPT_TOKENS bounds a prompt.
 UNKNOWN_CONTEXT_LENGTH = 1 << 40
 # Sent when OPENAI_API_KEY is empty: the client needs some key, and servers started without one ignore it.
@@ -90,71 +89,36 @@ class RemoteModelInfo:
         ]
 
 
-class RemoteRequestStream:
-    """One request's text deltas, as an async iterator; the same face as the local `RequestStream`.
+class RemoteRequestStream(StreamBase):
+    """One remote request's text deltas. The HTTP reply is read by the engine's task for this request, so `cancel()`
+    from another task closes it at once, even while the consumer waits for a delta."""
 
-    Leaving the loop, or cancelling its task, aborts the request. The HTTP reply is read by the engine's task for
-    this request, so `cancel()` from another task closes it at once, even while the consumer waits for a delta.
-    """
-
-    def __init__(self, request_id: str, prompt_tokens: int, engine: RemoteEngine) -> None:
-        self.request_id = request_id
-        self.metrics = RequestMetrics(prompt_tokens=prompt_tokens)
-        self._engine = engine
-        self._submitted_at = perf_counter()
+    def __init__(self, request_id: str, prompt_tokens: int, abort: Callable[[StreamBase], None]) -> None:
+        super().__init__(request_id, prompt_tokens, abort)
         self._pending: list[str] = []  # text received and not yet given to the consumer
-        self._error: EngineError | None = None
-        self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.sent = False  # holds a slot: the request is at the server
 
     @property
-    def finished(self) -> bool:
-        return self.metrics.finish_reason is not None
-
-    def __aiter__(self) -> AsyncIterator[str]:
-        return self._deltas()
-
-    async def _deltas(self) -> AsyncIterator[str]:
-        try:
-            while True:
-                if self._pending and self.metrics.finish_reason is not FinishReason.CANCELLED:
-                    text = "".join(self._pending)
-                    self._pending.clear()
-                    yield text
-                    continue
-                if self.finished:
-                    break
-                self._wakeup.clear()
-                await self._wakeup.wait()
-            if self._error is not None:
-                raise self._error
-        finally:
-            if not self.finished:  # the consumer left the loop early, or its task was cancelled
-                self._engine._abort(self)
+    def running(self) -> bool:
+        return self.sent
 
     async def cancel(self) -> None:
         """Abort the request (the Stop button); returns once the HTTP stream is closed."""
-        if not self.finished:
-            self._engine._abort(self)
+        await super().cancel()
         if self._task is not None and not self._task.done():
             await asyncio.wait([self._task], timeout=CLOSE_TIMEOUT_S)
+
+    def _take(self) -> str:
+        text = "".join(self._pending)
+        self._pending.clear()
+        return text
 
     def _receive(self, text: str) -> None:
         if self.metrics.ttft_s is None:
             self.metrics.ttft_s = perf_counter() - self._submitted_at
         self._pending.append(text)
-        self._wakeup.set()
-
-    def _finish(self, reason: FinishReason, error: EngineError | None = None) -> None:
-        if self.finished:
-            return
-        self.metrics.finish_reason = reason
-        self.metrics.total_s = perf_counter() - self._submitted_at
-        if self.metrics.queue_wait_s is None:
-            self.metrics.queue_wait_s = self.metrics.total_s
-        self._error = error
-        self._wakeup.set()
+        self._wake()
 
 
 class RemoteEngine:
@@ -175,17 +139,13 @@ class RemoteEngine:
         tokenizer: Any | None = None,
     ) -> None:
         """`tokenizer` is the model's own when it loaded here (for /tokenize), else None."""
-        if max_batch_size < 1 or max_queued_requests < 0:
-            raise ValueError("max_batch_size must be >= 1 and max_queued_requests >= 0")
+        self._requests: RequestTable[RemoteRequestStream] = RequestTable(max_batch_size, max_queued_requests)
         self._client = client
         self._model = model
         self._prompt_builder = prompt_builder
         self._info = info
         self._tokenizer = tokenizer
-        self._max_batch_size = max_batch_size
-        self._max_queued_requests = max_queued_requests
         self._slots = asyncio.Semaphore(max_batch_size)
-        self._streams: dict[str, RemoteRequestStream] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._running = True
 
@@ -255,13 +215,7 @@ class RemoteEngine:
         return self._running
 
     def stats(self) -> EngineStats:
-        running = sum(1 for stream in self._streams.values() if stream.sent)
-        return EngineStats(
-            waiting=len(self._streams) - running,
-            running=running,
-            max_batch_size=self._max_batch_size,
-            max_queued_requests=self._max_queued_requests,
-        )
+        return self._requests.stats()
 
     def tokenize(self, text: str) -> list[tuple[int, str]]:
         """(id, text) of each token, as the local engine gives them; needs the model's tokenizer here."""
@@ -281,10 +235,8 @@ class RemoteEngine:
             raise EngineError("The engine is not running.")
         if not prompt.messages:
             raise ValueError("the remote engine needs a Prompt from prepare(), with its messages")
-        if len(self._streams) >= self._max_batch_size + self._max_queued_requests:
-            raise EngineBusyError(BUSY_TEXT)
-        stream = RemoteRequestStream(f"llamacord-{uuid.uuid4().hex}", prompt.num_tokens, self)
-        self._streams[stream.request_id] = stream
+        stream = RemoteRequestStream(f"llamacord-{uuid.uuid4().hex}", prompt.num_tokens, self._abort)
+        self._requests.admit(stream)
         stream._task = asyncio.create_task(self._run(stream, list(prompt.messages), params))
         return stream
 
@@ -294,14 +246,11 @@ class RemoteEngine:
         if not self._running:
             return
         self._running = False
-        tasks = [stream._task for stream in self._streams.values() if stream._task is not None]
-        if tasks and drain_timeout_s > 0:
-            await asyncio.wait(tasks, timeout=drain_timeout_s)
-        for stream in list(self._streams.values()):
-            stream._finish(FinishReason.ERROR, GenerationError("The bot is shutting down."))
+        tasks = [stream._task for stream in self._requests if stream._task is not None]
+        await self._requests.drain(drain_timeout_s)
+        for stream in self._requests.fail_all(GenerationError(SHUTTING_DOWN)):
             if stream._task is not None:
                 stream._task.cancel()
-        self._streams.clear()
         for task in self._background:
             task.cancel()
         pending = [task for task in [*tasks, *self._background] if not task.done()]
@@ -309,11 +258,12 @@ class RemoteEngine:
             await asyncio.wait(pending, timeout=CLOSE_TIMEOUT_S)
         await self._client.close()
 
-    def _abort(self, stream: RemoteRequestStream) -> None:
+    def _abort(self, stream: StreamBase) -> None:
         stream._finish(FinishReason.CANCELLED)
-        self._streams.pop(stream.request_id, None)
-        if stream._task is not None:
-            stream._task.cancel()
+        self._requests.pop(stream.request_id)
+        task = stream._task if isinstance(stream, RemoteRequestStream) else None
+        if task is not None:
+            task.cancel()
 
     async def _run(self, stream: RemoteRequestStream, messages: list[dict[str, str]], params: SamplingParams) -> None:
         """Wait for a slot, stream the reply into `stream`, and end it with its finish reason or a user-fit error."""
@@ -351,7 +301,7 @@ class RemoteEngine:
             log.exception("remote request %s failed on an unexpected reply", stream.request_id)
             stream._finish(FinishReason.ERROR, GenerationError("The model server sent a reply the bot cannot read."))
         finally:
-            self._streams.pop(stream.request_id, None)
+            self._requests.pop(stream.request_id)
 
     def _refresh_info_soon(self) -> None:
         """The server was down when the engine started and answers now: ask it again what it serves."""

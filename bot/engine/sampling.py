@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 from bot.settings import Settings
+from storage.models import MAX_NEW_TOKENS_RANGE, TEMPERATURE_RANGE, TOP_P_RANGE
 
 _SETTINGS = Settings.model_fields  # the defaults are the global settings' defaults, written down once there
 
@@ -19,12 +20,21 @@ class SamplingParams:
     max_new_tokens: int = _SETTINGS["max_new_tokens"].default
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        low, high = TEMPERATURE_RANGE
+        if not (math.isfinite(self.temperature) and low <= self.temperature <= high):
+            raise ValueError(f"temperature must be between {low:g} and {high:g}, got {self.temperature!r}")
+        low, high = TOP_P_RANGE
+        if not (math.isfinite(self.top_p) and low < self.top_p <= high):
+            raise ValueError(f"top_p must be above {low:g} and at most {high:g}, got {self.top_p!r}")
+        # Only the lower bound: above it, what limits a request is the room in the engine's context, which
+        # `generate()` checks. MAX_NEW_TOKENS_RANGE's upper bound is what a setting may ask for.
+        least = MAX_NEW_TOKENS_RANGE[0]
+        if (
+            isinstance(self.max_new_tokens, bool)
+            or not isinstance(self.max_new_tokens, int)
+            or self.max_new_tokens < least
+        ):
+            raise ValueError(f"max_new_tokens must be an integer >= {least}, got {self.max_new_tokens!r}")
         # The continuous-batching processors type-check their per-request kwargs as float: accept ints here.
         object.__setattr__(self, "temperature", float(self.temperature))
         object.__setattr__(self, "top_p", float(self.top_p))
@@ -35,5 +45,5 @@ class SamplingParams:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SamplingParams:
-        """The global defaults; a channel's overrides are applied with `dataclasses.replace`."""
+        """The global defaults; a channel's overrides are applied by `bot.chat.config.ChannelConfig`."""
         return cls(temperature=settings.temperature, top_p=settings.top_p, max_new_tokens=settings.max_new_tokens)

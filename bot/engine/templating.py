@@ -22,10 +22,10 @@ import re
 import secrets
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bot.engine.api import Prompt
 from bot.engine.errors import ModelLoadError, PromptError
 
 # Replaces the middle of a newest message that alone is over budget. The start is kept because it holds the
@@ -34,17 +34,6 @@ from bot.engine.errors import ModelLoadError, PromptError
 TRUNCATION_MARKER = "\n[… cut …]\n"
 
 EXAMPLE_TEMPLATE = Path(__file__).parent / "templates" / "plain.jinja"
-
-
-@dataclass(frozen=True, slots=True)
-class Prompt:
-    """Token ids ready for the model, and what the budget did to the conversation."""
-
-    token_ids: list[int]
-    num_tokens: int
-    dropped_messages: int  # oldest messages left out to fit
-    truncated: bool  # the newest message alone was over budget and its middle was cut
-    messages: list[dict[str, str]] = field(default_factory=list)  # what was rendered, after dropping and cutting
 
 
 def read_chat_template(path: Path) -> str:

@@ -1,0 +1,252 @@
+"""Running the real bot against the fake Discord: settings, engine doubles and waiting helpers for the e2e tests.
+
+The engine doubles wrap the real `AsyncEngine`: `RecordingEngine` only records what the engine was asked (each
+prompt's chat and budget, each stream), `ScriptedEngine` streams a fixed text instead of generating (for the
+splitting, no-ping and error tests, where the text itself is under test).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from bot.app import discord_bot
+from bot.client import LlamacordBot
+from bot.engine.api import RequestMetrics
+from bot.engine.local.executor import AsyncEngine
+from bot.metrics import Metrics
+from bot.settings import Settings
+from storage import Store, StoredMessage
+from tests.support.fake_discord import BOT_TOKEN, DEFAULT_TIMEOUT, FakeDiscord, running
+
+EDIT_INTERVAL = 0.05  # seconds; the bot's EDIT_INTERVAL_SECONDS in these tests
+
+
+def save_lively_llama(tiny_model_dir: Path, directory: Path) -> Path:
+    """The tiny Llama with its weights redrawn at std 0.5, saved as a model directory. At the initial std 0.02
+    greedy decoding repeats a newline forever, so every reply would be blank; these weights give varied,
+    reproducible text that runs for hundreds of tokens."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() > 1:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+    model.save_pretrained(directory)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(directory)
+    return directory
+
+
+@asynccontextmanager
+async def lively_engine(
+    tiny_model_dir: Path, directory: Path, *, max_batch_size: int = 4, max_queued_requests: int = 4
+) -> AsyncIterator[AsyncEngine]:
+    """A real engine on the lively tiny Llama, sized for the e2e tests (its cache fits a 1,500-token reply)."""
+    settings = Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        model=str(save_lively_llama(tiny_model_dir, directory)),
+        device="cpu",
+        max_batch_size=max_batch_size,
+        max_queued_requests=max_queued_requests,
+        max_prompt_tokens=512,
+        max_new_tokens=1500,
+    )
+    engine = await AsyncEngine.from_settings(settings)
+    try:
+        yield engine
+    finally:
+        await engine.shutdown()
+
+
+def bot_settings(fake: FakeDiscord, database: Path, model: str = "unused", **overrides: Any) -> Settings:
+    """Settings pointing at the fake, ignoring any .env in the working directory."""
+    values: dict[str, Any] = {
+        "discord_token": BOT_TOKEN,
+        "discord_api_base_url": fake.api_base_url,
+        "discord_gateway_url": fake.gateway_url,
+        "database_path": database,
+        "model": model,
+        "device": "cpu",
+        "edit_interval_seconds": EDIT_INTERVAL,
+        "max_new_tokens": 24,
+        "max_prompt_tokens": 512,
+        "max_batch_size": 4,
+        "max_queued_requests": 4,
+    }
+    values.update(overrides)
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+class RecordingEngine:
+    """The real engine, keeping what it was asked: each prompt's chat and token budget, the prompt it made, and each
+    stream."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self.prepared: list[list[dict[str, str]]] = []
+        self.max_new_tokens: list[int] = []
+        self.prompts: list[Any] = []  # every Prompt prepare() returned
+        self.streams: list[Any] = []  # every stream generate() returned
+
+    async def prepare(self, messages: Sequence[dict[str, str]], max_new_tokens: int) -> Any:
+        self.prepared.append([dict(message) for message in messages])
+        self.max_new_tokens.append(max_new_tokens)
+        prompt = await self._engine.prepare(messages, max_new_tokens)
+        self.prompts.append(prompt)
+        return prompt
+
+    def generate(self, prompt: Any, params: Any) -> Any:
+        stream = self._engine.generate(prompt, params)
+        self.streams.append(stream)
+        return stream
+
+    def prompt_with(self, text: str) -> list[dict[str, str]]:
+        """The chat of the last prompt whose newest message contains `text`."""
+        return next(chat for chat in reversed(self.prepared) if text in chat[-1]["content"])
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+
+class ScriptedStream:
+    """Yields a fixed text in pieces, with a pause between them, like a stream of deltas; `cancel` ends it."""
+
+    def __init__(self, text: str, piece: int, pause_s: float) -> None:
+        self.text, self.piece, self.pause_s = text, piece, pause_s
+        self.cancelled = False
+        self.yielded = 0  # characters handed out so far
+        self.metrics = RequestMetrics()  # what the bot records for the reply; no tokens, no timings
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self._deltas()
+
+    async def _deltas(self) -> AsyncIterator[str]:
+        while self.yielded < len(self.text) and not self.cancelled:
+            delta = self.text[self.yielded : self.yielded + self.piece]
+            self.yielded += len(delta)
+            yield delta
+            await asyncio.sleep(self.pause_s)
+
+    async def cancel(self) -> None:
+        self.cancelled = True
+
+
+class ScriptedEngine(RecordingEngine):
+    """Real prompts (`prepare`), but every reply is `text`, streamed `piece` characters at a time."""
+
+    def __init__(self, engine: AsyncEngine, text: str, *, piece: int = 40, pause_s: float = 0.005) -> None:
+        super().__init__(engine)
+        self.text, self.piece, self.pause_s = text, piece, pause_s
+
+    def generate(self, prompt: Any, params: Any) -> ScriptedStream:
+        stream = ScriptedStream(self.text, self.piece, self.pause_s)
+        self.streams.append(stream)
+        return stream
+
+
+@dataclass
+class RunningBot:
+    """A bot connected to the fake, and what it was built from."""
+
+    client: LlamacordBot
+    store: Store
+    engine: Any
+    metrics: Metrics = field(default_factory=Metrics)
+
+
+@asynccontextmanager
+async def running_bot(
+    settings: Settings, engine: Any, *, metrics: Metrics | None = None, **options: Any
+) -> AsyncIterator[RunningBot]:
+    """The bot SHARD_COUNT asks for, wired as `llamacord run` wires it, on its own store (settings.database_path),
+    connected to the fake and ready. `options` go to discord.py's bot."""
+    metrics = metrics if metrics is not None else Metrics()
+    async with Store.open(settings.database_path) as store:
+        client = discord_bot(settings, store, engine, metrics, guild_ready_timeout=0.05, **options)
+        async with running(client):
+            yield RunningBot(client, store, engine, metrics)
+
+
+async def eventually(
+    predicate: Callable[[], Awaitable[Any]], *, timeout_s: float = DEFAULT_TIMEOUT, what: str = "condition"
+) -> Any:
+    """Poll an async predicate (the store, say, which the fake cannot watch) until it is truthy."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                result = await predicate()
+                if result:
+                    return result
+                await asyncio.sleep(0.02)
+    except TimeoutError:
+        raise AssertionError(f"timed out after {timeout_s}s waiting for {what}") from None
+
+
+def reply_done(fake: FakeDiscord, message_id: int) -> list[dict[str, Any]] | None:
+    """The bot's finished reply to a message (its messages, first to last), or None while it is still going.
+
+    A reply is its first message (which replies to the user's) and the continuations after it, up to the next
+    message that replies to something. Finished means none of them carries the Stop button. (For a moment while
+    a long reply moves the button to its next message, that is true too: `wait_for_reply` also waits for the
+    stored answer.)
+    """
+    first = fake.replies_to(message_id)
+    if not first:
+        return None
+    later = [m for m in fake.bot_messages(int(first[0]["channel_id"])) if int(m["id"]) > int(first[0]["id"])]
+    messages = [first[0]]
+    for message in later:
+        if message.get("message_reference"):
+            break
+        messages.append(message)
+    return None if any(m.get("components") for m in messages) else messages
+
+
+async def wait_for_reply(
+    fake: FakeDiscord, store: Store, message: dict[str, Any], *, timeout_s: float = DEFAULT_TIMEOUT
+) -> tuple[list[dict[str, Any]], StoredMessage]:
+    """Wait until the bot has answered `message` on Discord and stored the answer; return both."""
+    message_id, channel_id = int(message["id"]), int(message["channel_id"])
+    posted = await fake.wait_until(
+        lambda: reply_done(fake, message_id), timeout_s=timeout_s, what=f"the reply to {message['content']!r}"
+    )
+
+    async def stored() -> StoredMessage | None:
+        history = await store.load_history(channel_id, 1000)
+        return next((m for m in history if m.message_id == int(posted[0]["id"])), None)
+
+    answer = await eventually(stored, timeout_s=timeout_s, what="the stored reply")
+    # Stored after the final edit, so the messages are final now (the button moves between messages on the way).
+    final = reply_done(fake, message_id)
+    assert final is not None
+    return final, answer
+
+
+def has_no_pings(body: dict[str, Any]) -> bool:
+    mentions = body.get("allowed_mentions")
+    return (
+        mentions is not None
+        and mentions.get("parse") == []
+        and not mentions.get("users")
+        and not mentions.get("roles")
+        and not mentions.get("replied_user")
+    )
+
+
+def message_bodies(fake: FakeDiscord) -> list[tuple[str, dict[str, Any]]]:
+    """(path, message body) of every REST call that posted or edited a message: channel messages, interaction
+    responses with a message, follow-ups and @original edits."""
+    bodies = []
+    for call in fake.calls:
+        if call.method in ("POST", "PATCH") and ("/messages" in call.path or call.path.startswith("/webhooks/")):
+            bodies.append((call.path, call.json or {}))
+        elif call.path.endswith("/callback") and (call.json or {}).get("type") in (4, 7):
+            bodies.append((call.path, call.json.get("data") or {}))
+    return bodies

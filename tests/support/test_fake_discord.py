@@ -1,0 +1,73 @@
+"""The fake Discord itself, driven by a bare discord.py client: if these fail, the bot's e2e tests mean nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import discord
+import pytest
+import yarl
+
+from tests.support.fake_discord import BOT_TOKEN, FakeDiscord, running
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+@contextmanager
+def pointed_at(fake: FakeDiscord) -> Iterator[None]:
+    old_base, old_gateway = discord.http.Route.BASE, discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY
+    discord.http.Route.BASE = fake.api_base_url
+    discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(fake.gateway_url)
+    try:
+        yield
+    finally:
+        discord.http.Route.BASE, discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = old_base, old_gateway
+
+
+async def test_bare_client_logs_in_receives_events_and_posts() -> None:
+    seen: asyncio.Queue[discord.Message] = asyncio.Queue()
+    intents = discord.Intents.default()
+    intents.message_content = True
+    client = discord.Client(intents=intents, guild_ready_timeout=0.05)
+
+    @client.event
+    async def on_message(message: discord.Message) -> None:
+        await seen.put(message)
+
+    async with FakeDiscord() as fake:
+        with pointed_at(fake):
+            async with running(client):
+                guild = client.get_guild(fake.guild_id)
+                assert guild is not None and guild.get_channel(fake.general_id) is not None
+                assert guild.get_thread(fake.thread_id) is not None
+                identify = next(e for e in fake.gateway_events if e["op"] == 2)
+                assert identify["d"]["token"] == BOT_TOKEN
+
+                sent = await fake.send_message(fake.alice, "hello", mention_bot=True)
+                async with asyncio.timeout(5):
+                    message = await seen.get()
+                assert message.id == int(sent["id"]) and client.user in message.mentions
+                assert message.author.display_name == "Alice"
+
+                reply = await message.reply("hi back", mention_author=False)
+                call = await fake.wait_for_call("POST", f"/channels/{fake.general_id}/messages")
+                assert call.json["content"] == "hi back"
+                assert int(call.json["message_reference"]["message_id"]) == message.id
+                # The fake echoes the bot's own message back over the gateway, as Discord does.
+                async with asyncio.timeout(5):
+                    echoed = await seen.get()
+                assert echoed.id == reply.id and echoed.author == client.user
+
+                edited = await reply.edit(content="edited")
+                assert edited.content == "edited" and fake.messages[reply.id]["content"] == "edited"
+                patch = await fake.wait_for_call("PATCH", re.compile(rf"/channels/{fake.general_id}/messages/\d+"))
+                assert patch.json["content"] == "edited"
+
+
+async def test_wait_for_call_times_out_with_a_clear_error() -> None:
+    async with FakeDiscord() as fake:
+        with pytest.raises(AssertionError, match=re.escape("timed out after 0.05s waiting for GET /nothing")):
+            await fake.wait_for_call("GET", "/nothing", timeout_s=0.05)

@@ -1,0 +1,204 @@
+"""The rules of one turn (`bot.chat.pipeline`), on a real store and an engine that streams scripted text."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from bot.chat.pipeline import STOPPED_NOTE, TRUNCATED_NOTE, Reply, Speaker, TurnPipeline, UserTurn
+from bot.engine.api import EngineStats, FinishReason, Prompt, StreamBase
+from bot.engine.errors import EngineBusyError, GenerationError, PromptError
+from bot.engine.sampling import SamplingParams
+from bot.metrics import Metrics, ReplyOutcome
+from bot.settings import Settings
+from storage import Role, Store
+
+CHANNEL = 42
+ALICE = Speaker(7, "Alice")
+BOT = Speaker(99, "llamacord")
+
+
+class ScriptedStream(StreamBase):
+    """Yields `pieces` one per read, then ends (or fails with `error`)."""
+
+    def __init__(self, pieces: list[str], error: Exception | None) -> None:
+        super().__init__("scripted", prompt_tokens=5, abort=lambda stream: stream._finish(FinishReason.CANCELLED))
+        self.pieces = list(pieces)
+        self.error = error
+
+    @property
+    def running(self) -> bool:
+        return True
+
+    def _take(self) -> str:
+        if self.pieces:
+            return self.pieces.pop(0)
+        if not self.finished:
+            if self.error is not None:
+                self._finish(FinishReason.ERROR, GenerationError(str(self.error)))
+            else:
+                self._finish(FinishReason.STOP)
+        return ""
+
+
+class ScriptedEngine:
+    """The engine API in plain Python: records each prompt's chat and each request's sampling."""
+
+    def __init__(self, pieces: list[str], *, truncated: bool = False) -> None:
+        self.pieces = pieces
+        self.truncated = truncated
+        self.error: Exception | None = None  # raised mid-stream
+        self.refuse: Exception | None = None  # raised by prepare (PromptError) or generate (EngineBusyError)
+        self.chats: list[list[dict[str, str]]] = []
+        self.params: list[SamplingParams] = []
+
+    async def prepare(self, messages: Sequence[Mapping[str, str]], max_new_tokens: int) -> Prompt:
+        self.chats.append([dict(message) for message in messages])
+        if isinstance(self.refuse, PromptError):
+            raise self.refuse
+        return Prompt([1, 2, 3], 3, 0, self.truncated, [dict(m) for m in messages])
+
+    def generate(self, prompt: Prompt, params: SamplingParams) -> ScriptedStream:
+        if isinstance(self.refuse, EngineBusyError):
+            raise self.refuse
+        self.params.append(params)
+        return ScriptedStream(self.pieces, self.error)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(0, 0, 1, 0)
+
+
+class RecordingView:
+    """Shows nothing; keeps what it was asked to show. With `stop_after`, presses Stop after that many shows."""
+
+    def __init__(self, reply: Reply, stop_after: int | None = None) -> None:
+        self.reply = reply
+        self.stop_after = stop_after
+        self.prepared = 0
+        self.shown: list[str] = []
+        self.final: str | None = None
+        self.abandoned: str | None = None
+
+    @asynccontextmanager
+    async def preparing(self) -> AsyncIterator[None]:
+        self.prepared += 1
+        yield
+
+    async def show(self, text: str) -> None:
+        self.shown.append(text)
+        if self.stop_after is not None and len(self.shown) >= self.stop_after:
+            await self.reply.stop()
+
+    async def finish(self, text: str) -> int | None:
+        self.final = text
+        return 555
+
+    async def abandon(self, text: str) -> None:
+        self.abandoned = text
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    async with Store.open(tmp_path / "chat.sqlite3") as store:
+        yield store
+
+
+def pipeline_on(store: Store, engine: ScriptedEngine, metrics: Metrics | None = None) -> TurnPipeline:
+    settings = Settings(_env_file=None, system_prompt="Be kind.", temperature=0.7, top_p=0.9, max_new_tokens=64)  # type: ignore[call-arg]
+    return TurnPipeline(store, engine, settings, metrics or Metrics())  # type: ignore[arg-type]
+
+
+async def answer(pipeline: TurnPipeline, text: str, **view_options: int) -> tuple[RecordingView, ReplyOutcome]:
+    views: list[RecordingView] = []
+
+    def view(reply: Reply) -> RecordingView:
+        views.append(RecordingView(reply, **view_options))
+        return views[-1]
+
+    result = await pipeline.answer(UserTurn(CHANNEL, text, ALICE, message_id=1000), view, assistant=BOT)
+    return views[0], result.outcome
+
+
+def counted(metrics: Metrics) -> dict[str, float]:
+    samples = {o: metrics.registry.get_sample_value("llamacord_replies_total", {"outcome": o}) for o in ReplyOutcome}
+    return {str(outcome): value for outcome, value in samples.items() if value}
+
+
+async def test_a_turn_is_prompted_with_the_history_streamed_and_stored(store: Store) -> None:
+    await store.append_message(CHANNEL, Role.USER, "earlier", author_id=8, author_name="Bob")
+    await store.append_message(CHANNEL, Role.ASSISTANT, "an earlier answer")
+    engine = ScriptedEngine(["Hel", "lo ", "Alice"])
+    metrics = Metrics()
+    view, outcome = await answer(pipeline_on(store, engine, metrics), "hi there")
+
+    assert engine.chats[0] == [
+        {"role": "system", "content": "Be kind."},
+        {"role": "user", "content": "Bob: earlier"},
+        {"role": "assistant", "content": "an earlier answer"},
+        {"role": "user", "content": "Alice: hi there"},
+    ]
+    assert view.prepared == 1 and view.shown == ["Hel", "Hello ", "Hello Alice"] and view.final == "Hello Alice"
+    history = await store.load_history(CHANNEL, 10)
+    assert [(m.role, m.content, m.author_id, m.message_id) for m in history[2:]] == [
+        (Role.USER, "hi there", ALICE.id, 1000),
+        (Role.ASSISTANT, "Hello Alice", BOT.id, 555),
+    ]
+    assert outcome is ReplyOutcome.COMPLETED and counted(metrics) == {"completed": 1}
+
+
+async def test_the_channels_config_sets_the_system_prompt_and_sampling(store: Store) -> None:
+    await store.update_channel_settings(
+        CHANNEL, changed_by=None, system_prompt="Talk like a pirate.", temperature=0.0, max_new_tokens=7
+    )
+    engine = ScriptedEngine(["Arr"])
+    await answer(pipeline_on(store, engine), "hello")
+    assert engine.chats[0][0] == {"role": "system", "content": "Talk like a pirate."}
+    assert engine.params == [SamplingParams(temperature=0.0, top_p=0.9, max_new_tokens=7)]
+
+
+@pytest.mark.parametrize("refusal", [EngineBusyError(), PromptError("The system prompt alone is too long.")])
+async def test_a_refused_request_stores_nothing(store: Store, refusal: Exception) -> None:
+    engine = ScriptedEngine(["never"])
+    engine.refuse = refusal
+    metrics = Metrics()
+    with pytest.raises(type(refusal)):
+        await answer(pipeline_on(store, engine, metrics), "anyone there?")
+    assert await store.load_history(CHANNEL, 10) == []
+    expected = "busy" if isinstance(refusal, EngineBusyError) else "failed"
+    assert counted(metrics) == {expected: 1}
+
+
+async def test_a_stopped_reply_ends_with_a_note_and_stores_what_was_shown(store: Store) -> None:
+    engine = ScriptedEngine(["one ", "two ", "three"])
+    metrics = Metrics()
+    view, outcome = await answer(pipeline_on(store, engine, metrics), "count", stop_after=1)
+    assert view.final == "one " + STOPPED_NOTE
+    history = await store.load_history(CHANNEL, 10)
+    assert [(m.role, m.content) for m in history] == [(Role.USER, "count"), (Role.ASSISTANT, "one ")]
+    assert outcome is ReplyOutcome.CANCELLED and counted(metrics) == {"cancelled": 1}
+
+
+async def test_a_failed_reply_keeps_the_question_but_not_the_half_answer(store: Store) -> None:
+    engine = ScriptedEngine(["Half an answ"])
+    engine.error = RuntimeError("Generation failed.")
+    metrics = Metrics()
+    with pytest.raises(GenerationError):
+        await answer(pipeline_on(store, engine, metrics), "this will fail")
+    history = await store.load_history(CHANNEL, 10)
+    assert [m.role for m in history] == [Role.USER]
+    assert counted(metrics) == {"failed": 1}
+
+
+async def test_a_blank_reply_is_shown_but_not_stored(store: Store) -> None:
+    view, _ = await answer(pipeline_on(store, ScriptedEngine(["\n", "  "])), "say nothing")
+    assert view.final == "\n  "
+    assert [m.role for m in await store.load_history(CHANNEL, 10)] == [Role.USER]
+
+
+async def test_a_message_cut_to_fit_gets_a_note_that_is_not_stored(store: Store) -> None:
+    view, _ = await answer(pipeline_on(store, ScriptedEngine(["Got it."], truncated=True)), "a very long paste")
+    assert view.final == "Got it." + TRUNCATED_NOTE
+    assert (await store.load_history(CHANNEL, 10))[-1].content == "Got it."

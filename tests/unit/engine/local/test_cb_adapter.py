@@ -1,0 +1,96 @@
+"""The adapter over transformers' continuous batching: every internal it uses is pinned here, in one place."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers.generation.continuous_batching.continuous_api import ContinuousBatchingManager, OutputRouter
+
+from bot.engine.local import cb_adapter
+from bot.engine.local.cb_adapter import (
+    ContinuousBatcher,
+    _GreedyAwareTemperature,
+    _install_sample_or_argmax,
+    _install_skippable_top_p,
+    _sample_or_argmax,
+    internals_problems,
+)
+
+
+def test_every_transformers_internal_the_adapter_uses_is_as_pinned() -> None:
+    assert internals_problems() == []
+
+
+def test_a_missing_internal_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delattr(ContinuousBatchingManager, "cancel_request")
+    assert internals_problems() == ["ContinuousBatchingManager.cancel_request is gone"]
+
+
+def test_a_renamed_parameter_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    def deliver_batch(self: OutputRouter, results: list[object]) -> None: ...
+
+    monkeypatch.setattr(OutputRouter, "deliver_batch", deliver_batch)
+    assert internals_problems() == ["OutputRouter.deliver_batch lost its parameters outputs"]
+
+
+async def test_a_changed_transformers_stops_the_batcher_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delattr(ContinuousBatchingManager, "cancel_request")
+    model = SimpleNamespace(device=torch.device("cpu"))  # never reached: the check comes first
+    batcher = ContinuousBatcher(
+        model,  # type: ignore[arg-type]
+        eos_token_ids=[0],
+        max_batch_size=1,
+        cache_tokens=64,
+        max_batch_tokens=64,
+        on_updates=lambda updates: None,
+    )
+    with pytest.raises(RuntimeError, match=r"transformers==5\.24\.0.*cancel_request is gone"):
+        batcher.start(asyncio.get_running_loop())
+
+
+def test_adapters_fail_loudly_when_the_structure_they_patch_is_missing() -> None:
+    no_processors = SimpleNamespace(logit_processor=SimpleNamespace(logits_processor=[]))
+    with pytest.raises(RuntimeError, match="top-p"):
+        _install_skippable_top_p(no_processors)  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match="model runner"):
+        _install_sample_or_argmax(SimpleNamespace(batch_processor=None))  # type: ignore[arg-type]
+
+
+def test_temperature_zero_rows_keep_only_the_argmax_and_the_others_are_scaled() -> None:
+    scores = torch.tensor([[1.0, 3.0, 2.0], [1.0, 3.0, 2.0]])
+    temperatures = torch.tensor([0.0, 2.0], dtype=torch.float32).view(torch.int32)  # as the manager packs them
+    warper = _GreedyAwareTemperature.__new__(_GreedyAwareTemperature)
+    out = _GreedyAwareTemperature.__call__(warper, scores, temperatures)
+    assert out[0].tolist() == [-math.inf, 0.0, -math.inf]
+    assert out[1].tolist() == [0.5, 1.5, 1.0]
+
+
+def test_sampling_skips_the_draw_only_when_every_row_is_one_hot() -> None:
+    one_hot = torch.full((1, 2, 5), -math.inf)
+    one_hot[0, 0, 3] = one_hot[0, 1, 1] = 0.0
+    picked = torch.zeros((1, 2), dtype=torch.long)
+    _sample_or_argmax(one_hot, picked)
+    assert picked.tolist() == [[3, 1]]
+
+    torch.manual_seed(0)
+    mixed = one_hot.clone()
+    mixed[0, 1] = 0.0  # uniform over 5 tokens: drawn, not argmaxed
+    draws = set()
+    for _ in range(40):
+        _sample_or_argmax(mixed, picked)
+        assert picked[0, 0] == 3
+        draws.add(int(picked[0, 1]))
+    assert len(draws) > 1
+
+
+def test_the_pinned_version_is_the_one_pyproject_pins() -> None:
+    import tomllib
+
+    from tests.support import REPO
+
+    dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert cb_adapter.PINNED in dependencies
