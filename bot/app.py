@@ -26,7 +26,7 @@ from bot.engine.errors import ModelLoadError
 from bot.logs import configure_logging
 from bot.metrics import Metrics, MetricsServer
 from bot.settings import Settings
-from storage import Store, StoreError
+from storage import Store, StoreError, open_store
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ async def serve(settings: Settings) -> None:
     bot: LlamacordBot | None = None
     async with AsyncExitStack() as stack:
         try:
-            store = await Store.open(settings.database_path)
+            store = await open_store(settings.database)
         except StoreError as error:
             raise SystemExit(f"Cannot use the database: {error}") from None
         stack.callback(log.info, "stopped")

@@ -7,11 +7,12 @@ so a new setting cannot ship undocumented.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from storage import is_postgres_url
 from storage.models import MAX_NEW_TOKENS_RANGE, TEMPERATURE_RANGE, TOP_P_RANGE
 
 DEFAULT_MODEL = "meta-llama/Llama-3.2-1B-Instruct"
@@ -43,8 +44,10 @@ class Settings(BaseSettings):
     shard_count: int | Literal["auto"] | None = None
     shard_ids: Annotated[list[int] | None, NoDecode] = None  # "0,1" in the environment
 
-    # Storage
+    # Storage: SQLite at DATABASE_PATH, unless DATABASE_URL names a PostgreSQL database (shared by processes on many
+    # hosts), which then wins.
     database_path: Path = Path("llamacord.sqlite3")
+    database_url: SecretStr | None = None
     history_limit: int = Field(default=100, ge=1, le=10_000)
 
     # Model
@@ -152,10 +155,22 @@ class Settings(BaseSettings):
             raise ValueError("lists a shard id twice")
         return value
 
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or is_postgres_url(value.get_secret_value().strip()):
+            return value
+        raise ValueError("must be a postgresql:// URL, such as postgresql://llamacord:PASSWORD@db-host:5432/llamacord")
+
     @field_validator("database_path", "model_cache_dir", "chat_template_path")
     @classmethod
     def _expand_user(cls, value: Path | None) -> Path | None:
         return value.expanduser() if value is not None else None
+
+    @property
+    def database(self) -> str | Path:
+        """The store to open: DATABASE_URL when it is set, else DATABASE_PATH."""
+        return self.database_path if self.database_url is None else self.database_url.get_secret_value().strip()
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -172,10 +187,18 @@ def format_validation_error(error: ValidationError) -> str:
     for problem in error.errors():
         name = "_".join(str(part) for part in problem["loc"]).upper() or "(settings)"
         given = problem.get("input")
-        shown = "" if isinstance(given, dict) or given is None else f" (got {given!r})"
+        secret = _is_secret(str(problem["loc"][0])) if problem["loc"] else False
+        hidden = secret or isinstance(given, dict) or given is None
+        shown = "" if hidden else f" (got {given!r})"
         lines.append(f"  {name}: {problem['msg']}{shown}")
     lines.append("Fix them in the environment or in .env; .env.example lists every setting.")
     return "\n".join(lines)
+
+
+def _is_secret(name: str) -> bool:
+    """Whether a setting holds a secret (a token, a key, a URL with a password): its value is never shown."""
+    field = Settings.model_fields.get(name)
+    return field is not None and SecretStr in (field.annotation, *get_args(field.annotation))
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -29,7 +29,7 @@ from bot.engine.sampling import SamplingParams
 from bot.logs import configure_logging
 from bot.metrics import Metrics
 from bot.settings import Settings
-from storage import Role, Store, StoreError
+from storage import Role, Store, StoreError, open_store
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ async def _info(settings: Settings, out: TextIO) -> None:
 
 async def _chat(settings: Settings) -> None:
     try:
-        store = await Store.open(settings.database_path)
+        store = await open_store(settings.database)
     except StoreError as error:
         raise SystemExit(f"Cannot use the database: {error}") from None
     try:

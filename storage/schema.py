@@ -1,8 +1,13 @@
-"""Schema versions and the ordered migrations that reach the latest one.
+"""Schema versions and the ordered migrations that reach the latest one, for both backends.
 
-The database's version is `PRAGMA user_version`. `Store.open` applies every migration above it, in order, in one
-`BEGIN IMMEDIATE` transaction, then sets `user_version` to `LATEST_VERSION`. A fresh database runs them all, so
-every migration is exercised on every start-up of a new database. Never edit a released migration: add a new one.
+A version number means the same tables and columns in SQLite and in PostgreSQL; only the SQL dialect differs. On
+open, each store applies every migration above the database's version, in order, in one transaction, then records
+`LATEST_VERSION`: SQLite in `PRAGMA user_version` (inside `BEGIN IMMEDIATE`), PostgreSQL in the one-row table
+`llamacord_schema_version` (under a transaction-level advisory lock, so shard processes starting together migrate
+once). A fresh database runs them all, so every migration runs on every start-up of a new database. Never edit a
+released migration: add a new one to both lists, with the same number.
+
+PostgreSQL support began at version 3, so its history starts there: one migration creates the version-3 schema.
 
 History:
 
@@ -11,6 +16,11 @@ History:
 2. Reset archives instead of deleting: `channels.history_start_id` is the id of the last archived message of the
    channel (messages with `id <=` it are kept for moderation and audit but never loaded into a prompt), with
    `reset_at` and `reset_by` recording the last reset.
+3. Deletions, edits and a prompt window: `channels.window_start_id` (the first stored message a prompt may load),
+   `messages.reply_to_id` (an assistant turn's user turn), and `discord_messages`, mapping every Discord message
+   that shows a stored turn (a long reply spans several) to it, deleted with the turn. Existing `message_id`s are
+   copied into it; `reply_to_id` stays NULL for older replies (which user turn they answered was not recorded).
+   Indexes for deleting a user turn's replies and an author's turns.
 """
 
 from __future__ import annotations
@@ -23,7 +33,7 @@ SQLITE_HEADER = b"SQLite format 3\x00"
 
 @dataclass(frozen=True)
 class Migration:
-    version: int  # the schema version after this migration
+    version: int  # the schema version after this migration, the same in both backends
     description: str
     statements: tuple[str, ...]  # run one by one inside the migration transaction
 
@@ -63,16 +73,87 @@ V2_STATEMENTS = (
     "ALTER TABLE channels ADD COLUMN reset_by INTEGER",
 )
 
-MIGRATIONS: tuple[Migration, ...] = (
-    Migration(1, "channels and messages", V1_STATEMENTS),
-    Migration(2, "reset archives: channels.history_start_id, reset_at, reset_by", V2_STATEMENTS),
+V3_STATEMENTS = (
+    "ALTER TABLE channels ADD COLUMN window_start_id INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE messages ADD COLUMN reply_to_id INTEGER REFERENCES messages (id) ON DELETE SET NULL",
+    # Deleting a user turn finds its replies here; so does SQLite's ON DELETE SET NULL (without it, a full scan).
+    "CREATE INDEX messages_by_reply ON messages (reply_to_id) WHERE reply_to_id IS NOT NULL",
+    "CREATE INDEX messages_by_author ON messages (author_id, channel_id) WHERE role = 'user'",
+    """
+    CREATE TABLE discord_messages (
+        discord_message_id  INTEGER PRIMARY KEY,        -- a Discord message that shows the turn
+        turn_id             INTEGER NOT NULL REFERENCES messages (id) ON DELETE CASCADE
+    )
+    """,
+    "CREATE INDEX discord_messages_by_turn ON discord_messages (turn_id)",
+    # A Discord message shows one turn: should two rows name the same one, the newer turn keeps it.
+    """
+    INSERT INTO discord_messages (discord_message_id, turn_id)
+    SELECT message_id, id FROM messages WHERE message_id IS NOT NULL ORDER BY id
+    ON CONFLICT (discord_message_id) DO UPDATE SET turn_id = excluded.turn_id
+    """,
 )
 
-LATEST_VERSION = MIGRATIONS[-1].version
+SQLITE_MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "channels and messages", V1_STATEMENTS),
+    Migration(2, "reset archives: channels.history_start_id, reset_at, reset_by", V2_STATEMENTS),
+    Migration(3, "window start, reply_to_id, discord_messages", V3_STATEMENTS),
+)
 
-assert [m.version for m in MIGRATIONS] == list(range(1, LATEST_VERSION + 1)), "migrations must be 1, 2, 3, ..."
+# PostgreSQL: free text is BYTEA holding UTF-8, because TEXT cannot hold NUL characters and the store keeps any str
+# exactly; times are TIMESTAMPTZ; ids are BIGINT, `messages.id` from an identity sequence.
+POSTGRES_V3_STATEMENTS = (
+    """
+    CREATE TABLE channels (
+        channel_id        BIGINT PRIMARY KEY,
+        system_prompt     BYTEA,
+        temperature       DOUBLE PRECISION,
+        top_p             DOUBLE PRECISION,
+        max_new_tokens    INTEGER,
+        reply_mode        TEXT CHECK (reply_mode IN ('mention', 'all')),
+        updated_by        BIGINT,
+        updated_at        TIMESTAMPTZ,
+        history_start_id  BIGINT NOT NULL DEFAULT 0,
+        reset_at          TIMESTAMPTZ,
+        reset_by          BIGINT,
+        window_start_id   BIGINT NOT NULL DEFAULT 0
+    )
+    """,
+    """
+    CREATE TABLE messages (
+        id           BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        channel_id   BIGINT NOT NULL REFERENCES channels (channel_id),
+        role         TEXT NOT NULL CHECK (role IN ('system', 'user', 'assistant')),
+        author_id    BIGINT,
+        author_name  BYTEA,
+        content      BYTEA NOT NULL,
+        message_id   BIGINT,
+        created_at   TIMESTAMPTZ NOT NULL,
+        reply_to_id  BIGINT REFERENCES messages (id) ON DELETE SET NULL
+    )
+    """,
+    "CREATE INDEX messages_by_channel ON messages (channel_id, id)",
+    "CREATE INDEX messages_by_reply ON messages (reply_to_id) WHERE reply_to_id IS NOT NULL",
+    "CREATE INDEX messages_by_author ON messages (author_id, channel_id) WHERE role = 'user'",
+    """
+    CREATE TABLE discord_messages (
+        discord_message_id  BIGINT PRIMARY KEY,
+        turn_id             BIGINT NOT NULL REFERENCES messages (id) ON DELETE CASCADE
+    )
+    """,
+    "CREATE INDEX discord_messages_by_turn ON discord_messages (turn_id)",
+)
+
+POSTGRES_MIGRATIONS: tuple[Migration, ...] = (
+    Migration(3, "the version-3 schema: channels, messages, discord_messages", POSTGRES_V3_STATEMENTS),
+)
+
+LATEST_VERSION = SQLITE_MIGRATIONS[-1].version
+
+assert [m.version for m in SQLITE_MIGRATIONS] == list(range(1, LATEST_VERSION + 1)), "migrations must be 1, 2, 3, ..."
+assert [m.version for m in POSTGRES_MIGRATIONS] == list(range(3, LATEST_VERSION + 1)), "PostgreSQL: 3, 4, ..."
 
 
-def pending(version: int) -> tuple[Migration, ...]:
-    """The migrations that take a database at `version` to `LATEST_VERSION`, in order."""
-    return tuple(m for m in MIGRATIONS if m.version > version)
+def pending(migrations: tuple[Migration, ...], version: int) -> tuple[Migration, ...]:
+    """The `migrations` that take a database at `version` to `LATEST_VERSION`, in order."""
+    return tuple(m for m in migrations if m.version > version)

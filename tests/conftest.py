@@ -1,12 +1,16 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import os
+import tempfile
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
 from bot.engine.local.executor import AsyncEngine
+from tests.support import postgres
 from tests.support.bot_harness import RecordingEngine, lively_engine
+from tests.support.databases import SERVER_ENV, fresh_database
 from tests.support.fake_discord import FakeDiscord
 from tests.support.tiny_model import save_tiny_llama
 
@@ -55,3 +59,26 @@ async def fake() -> AsyncIterator[FakeDiscord]:
 def engine(tiny_engine: AsyncEngine) -> RecordingEngine:
     """The module's engine, recording every prompt the bot prepares."""
     return RecordingEngine(tiny_engine)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """A PostgreSQL superuser's URL: LLAMACORD_TEST_DATABASE_URL when set (CI: the server must be up; no skipping),
+    else a throwaway cluster started for this session. Skips only when neither is there."""
+    if os.environ.get(SERVER_ENV):
+        yield os.environ[SERVER_ENV]
+        return
+    if postgres.bin_dir() is None:
+        pytest.skip(f"PostgreSQL is not installed (apt-get install postgresql) and {SERVER_ENV} is not set")
+    directory = Path(tempfile.mkdtemp(prefix="llamacord-pg-"))  # not under tmp_path: root's is private to root
+    try:
+        yield postgres.start(directory)
+    finally:
+        postgres.stop(directory)
+
+
+@pytest.fixture
+async def postgres_url(postgres_server: str) -> AsyncIterator[str]:
+    """The URL of a new, empty database on the test server, dropped after the test."""
+    async with fresh_database(postgres_server) as url:
+        yield url

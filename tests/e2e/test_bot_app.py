@@ -11,9 +11,10 @@ import pytest
 
 from bot.app import BAD_TOKEN, NO_TOKEN, run_bot, serve
 from bot.client import use_discord_endpoints
-from storage import Role, Store
+from storage import Role, open_store
 from tests.support.bot_harness import bot_settings
 from tests.support.fake_discord import FakeDiscord
+from tests.support.postgres import free_port
 
 
 def test_no_token_exits_saying_how_to_get_one(tmp_path: Path) -> None:
@@ -31,6 +32,17 @@ async def test_an_unusable_database_exits_cleanly(tmp_path: Path) -> None:
         await serve(settings)
     assert str(exited.value.code).startswith("Cannot use the database:")
     assert "missing-directory" in str(exited.value.code)
+
+
+async def test_an_unreachable_database_url_exits_naming_it_without_its_password(tmp_path: Path) -> None:
+    url = f"postgresql://llamacord:hunter2-secret@127.0.0.1:{free_port()}/llamacord"
+    settings = bot_settings(FakeDiscord(), tmp_path / "bot.sqlite3", database_url=url)
+    with pytest.raises(SystemExit) as exited:
+        await serve(settings)
+    message = str(exited.value.code)
+    assert message.startswith("Cannot use the database: Cannot connect to the PostgreSQL database at DATABASE_URL=")
+    assert "postgresql://llamacord:***@127.0.0.1" in message and "hunter2" not in message
+    assert not (tmp_path / "bot.sqlite3").exists(), "DATABASE_URL wins: no SQLite file is made"
 
 
 def test_discord_endpoints_point_discord_py_at_another_server() -> None:
@@ -57,7 +69,7 @@ async def test_serve_runs_the_bot_from_settings_and_closes_everything(tiny_model
             with pytest.raises(asyncio.CancelledError):
                 await asyncio.wait_for(task, 30)
         assert fake.commands[None], "no slash commands were synced"
-    async with Store.open(database) as store:  # the store was closed cleanly and holds the conversation
+    async with open_store(database) as store:  # the store was closed cleanly and holds the conversation
         history = await store.load_history(fake.general_id, 10)
     assert [m.content for m in history if m.role is Role.USER] == ["are you up?"]
 

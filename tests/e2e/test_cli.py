@@ -22,7 +22,7 @@ from bot.engine.errors import BUSY_MESSAGE, EngineBusyError
 from bot.engine.sampling import SamplingParams
 from bot.settings import Settings
 from bot.terminal import TERMINAL_CHANNEL_ID, StdinLines, TerminalChat, start_engine
-from storage import Role, Store
+from storage import Role, Store, open_store
 from tests.support.bot_harness import save_lively_llama
 
 TIMEOUT = 60
@@ -53,7 +53,7 @@ async def engine_and_store(tiny_model_dir: Path, tmp_path: Path) -> AsyncIterato
         save_lively_llama(tiny_model_dir, tmp_path / "lively"), tmp_path, temperature=0.0, max_new_tokens=24
     )
     engine = await asyncio.wait_for(start_engine(config), TIMEOUT)
-    store = await Store.open(config.database_path)
+    store = await open_store(config.database_path)
     try:
         yield engine, store, config
     finally:
@@ -268,7 +268,7 @@ def test_ctrl_c_at_the_prompt_quits_chat_cleanly(tiny_model_dir: Path, tmp_path:
     assert "Traceback" not in stderr.read_text()
 
     async def stored() -> list[Role]:
-        async with Store.open(tmp_path / "chat.sqlite3") as store:
+        async with open_store(tmp_path / "chat.sqlite3") as store:
             return [message.role for message in await store.load_history(TERMINAL_CHANNEL_ID, 10)]
 
     assert asyncio.run(stored()) == [Role.USER, Role.ASSISTANT]

@@ -44,6 +44,7 @@ ONLY_IN = {
     "transformers": ("bot.engine.local", "bot.engine.remote", "benchmarks"),  # remote: the tokenizer only
     "aiosqlite": ("storage", "benchmarks.store"),
     "sqlite3": ("storage", "benchmarks.store"),
+    "asyncpg": ("storage", "benchmarks.store"),
 }
 
 

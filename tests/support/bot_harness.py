@@ -23,7 +23,7 @@ from bot.engine.api import RequestMetrics
 from bot.engine.local.executor import AsyncEngine
 from bot.metrics import Metrics
 from bot.settings import Settings
-from storage import Store, StoredMessage
+from storage import Store, StoredMessage, open_store
 from tests.support.fake_discord import BOT_TOKEN, DEFAULT_TIMEOUT, FakeDiscord, running
 
 EDIT_INTERVAL = 0.05  # seconds; the bot's EDIT_INTERVAL_SECONDS in these tests
@@ -168,7 +168,7 @@ async def running_bot(
     """The bot SHARD_COUNT asks for, wired as `llamacord run` wires it, on its own store (settings.database_path),
     connected to the fake and ready. `options` go to discord.py's bot."""
     metrics = metrics if metrics is not None else Metrics()
-    async with Store.open(settings.database_path) as store:
+    async with open_store(settings.database) as store:
         client = discord_bot(settings, store, engine, metrics, guild_ready_timeout=0.05, **options)
         async with running(client):
             yield RunningBot(client, store, engine, metrics)

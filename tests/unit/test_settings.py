@@ -72,6 +72,31 @@ def test_database_path_comes_from_the_environment(monkeypatch: pytest.MonkeyPatc
     assert load_settings().database_path == Path.home() / "data" / "bot.sqlite3"
 
 
+def test_database_url_wins_over_database_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_settings().database == Path("llamacord.sqlite3")
+    url = "postgresql://llamacord:s3cret@db.internal:5432/llamacord"
+    monkeypatch.setenv("DATABASE_PATH", "~/data/bot.sqlite3")
+    monkeypatch.setenv("DATABASE_URL", f" {url} ")
+    settings = load_settings()
+    assert settings.database == url
+    assert "s3cret" not in repr(settings) and "s3cret" not in str(settings)
+
+
+@pytest.mark.parametrize("url", ["mysql://llamacord:s3cret@db/llamacord", "llamacord:s3cret@db", "s3cret"])
+def test_a_bad_database_url_exits_naming_it_without_showing_it(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DATABASE_URL", url)
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    message = str(caught.value)
+    assert "DATABASE_URL" in message and "postgresql://" in message
+    assert "s3cret" not in message
+
+
+def test_other_bad_values_are_still_shown() -> None:
+    with pytest.raises(SettingsError, match="'hot'"):
+        load_settings(temperature="hot")
+
+
 def test_sharding_is_off_by_default() -> None:
     settings = load_settings()
     assert settings.shard_count is None and settings.shard_ids is None

@@ -14,7 +14,7 @@ from bot.engine.errors import EngineBusyError, GenerationError, PromptError
 from bot.engine.sampling import SamplingParams
 from bot.metrics import Metrics, ReplyOutcome
 from bot.settings import Settings
-from storage import Role, Store
+from storage import Role, Store, open_store
 
 CHANNEL = 42
 ALICE = Speaker(7, "Alice")
@@ -102,7 +102,7 @@ class RecordingView:
 
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    async with Store.open(tmp_path / "chat.sqlite3") as store:
+    async with open_store(tmp_path / "chat.sqlite3") as store:
         yield store
 
 

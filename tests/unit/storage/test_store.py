@@ -1,16 +1,14 @@
-"""Store behaviour on real SQLite files: round trips, ordering, limits, reset, settings, awkward content."""
+"""Store behaviour on both backends (a real SQLite file, a real PostgreSQL database): round trips, ordering, limits,
+reset, settings, awkward content. The deletions, edits and the window start are in test_store_deletions.py."""
 
 from __future__ import annotations
 
-import sqlite3
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
-import pytest_asyncio
 
 from storage import ChannelSettings, ReplyMode, Role, Store, StoredMessage, StoreError
+from tests.support.databases import Database
 
 CHANNEL = 1_100_000_000_000_000_001  # snowflake-sized ids
 OTHER = 1_100_000_000_000_000_002
@@ -18,18 +16,7 @@ ALICE = 900_000_000_000_000_001
 MOD = 900_000_000_000_000_009
 
 
-@pytest.fixture
-def db_path(tmp_path: Path) -> Path:
-    return tmp_path / "llamacord.sqlite3"
-
-
-@pytest_asyncio.fixture(loop_scope="function")
-async def store(db_path: Path) -> AsyncIterator[Store]:
-    async with Store.open(db_path) as opened:
-        yield opened
-
-
-async def test_round_trip_keeps_every_field(store: Store, db_path: Path) -> None:
+async def test_round_trip_keeps_every_field(store: Store, database: Database) -> None:
     before = datetime.now(UTC)
     written = await store.append_message(
         CHANNEL, "user", "hello there", author_id=ALICE, author_name="Alice", message_id=1_200_000_000_000_000_000
@@ -41,7 +28,7 @@ async def test_round_trip_keeps_every_field(store: Store, db_path: Path) -> None
 
     assert await store.load_history(CHANNEL, 10) == [written]
     await store.close()
-    async with Store.open(db_path) as reopened:
+    async with database.open() as reopened:
         assert await reopened.load_history(CHANNEL, 10) == [written]
 
 
@@ -97,11 +84,11 @@ AWKWARD = {
 
 
 @pytest.mark.parametrize("name", list(AWKWARD))
-async def test_any_unicode_round_trips_exactly(name: str, store: Store, db_path: Path) -> None:
+async def test_any_unicode_round_trips_exactly(name: str, store: Store, database: Database) -> None:
     content = AWKWARD[name]
     written = await store.append_message(CHANNEL, "user", content, author_id=ALICE, author_name=content[:64])
     await store.close()
-    async with Store.open(db_path) as reopened:
+    async with database.open() as reopened:
         [loaded] = await reopened.load_history(CHANNEL, 1)
     assert loaded.content == content
     assert len(loaded.content) == len(content)
@@ -127,7 +114,7 @@ SQL_LOOKING = [
 
 
 @pytest.mark.parametrize("text", SQL_LOOKING)
-async def test_sql_looking_text_is_stored_verbatim(text: str, store: Store, db_path: Path) -> None:
+async def test_sql_looking_text_is_stored_verbatim(text: str, store: Store, database: Database) -> None:
     await store.append_message(CHANNEL, "user", text, author_name=text)
     await store.append_message(OTHER, "user", "bystander")
     await store.update_channel_settings(CHANNEL, changed_by=MOD, system_prompt=text)
@@ -135,14 +122,11 @@ async def test_sql_looking_text_is_stored_verbatim(text: str, store: Store, db_p
     assert (loaded.content, loaded.author_name) == (text, text)
     assert (await store.get_channel_settings(CHANNEL)).system_prompt == text
     assert [m.content for m in await store.load_history(OTHER, 5)] == ["bystander"]
-    with sqlite3.connect(db_path) as raw:
-        tables = {row[0] for row in raw.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        count = raw.execute("SELECT count(*) FROM messages").fetchone()[0]
-    assert {"channels", "messages"} <= tables
-    assert count == 2
+    assert await database.count("messages") == 2  # both tables still there, and nothing else written
+    assert await database.count("channels") == 2
 
 
-async def test_reset_archives_the_conversation(store: Store, db_path: Path) -> None:
+async def test_reset_archives_the_conversation(store: Store, database: Database) -> None:
     for i in range(3):
         await store.append_message(CHANNEL, "user", f"old {i}")
     await store.append_message(OTHER, "user", "untouched")
@@ -157,17 +141,15 @@ async def test_reset_archives_the_conversation(store: Store, db_path: Path) -> N
     assert await store.reset(CHANNEL) == 1
 
     # Archived, not deleted: the rows are still there for moderation and audit, and the reset is recorded.
-    with sqlite3.connect(db_path) as raw:
-        rows = raw.execute("SELECT content FROM messages WHERE channel_id = ? ORDER BY id", (CHANNEL,))
-        kept = [row[0] for row in rows]
-        start, reset_at = raw.execute(
-            "SELECT history_start_id, reset_at FROM channels WHERE channel_id = ?", (CHANNEL,)
-        ).fetchone()
-    assert kept == ["old 0", "old 1", "old 2", "fresh start"]
+    kept = await database.fetch(f"SELECT content FROM messages WHERE channel_id = {CHANNEL} ORDER BY id")
+    [(start, reset_at)] = await database.fetch(
+        f"SELECT history_start_id, reset_at FROM channels WHERE channel_id = {CHANNEL}"
+    )
+    assert [content for (content,) in kept] == ["old 0", "old 1", "old 2", "fresh start"]
     assert start == new.id and reset_at is not None
 
     await store.close()
-    async with Store.open(db_path) as reopened:
+    async with database.open() as reopened:
         assert await reopened.load_history(CHANNEL, 50) == []
         after = await reopened.append_message(CHANNEL, "user", "after reopen")
         assert await reopened.load_history(CHANNEL, 50) == [after]
@@ -181,7 +163,7 @@ async def test_reset_keeps_channel_settings(store: Store) -> None:
     assert (settings.system_prompt, settings.reply_mode) == ("pirate", ReplyMode.ALL)
 
 
-async def test_settings_persist_across_reopen_and_none_restores_default(store: Store, db_path: Path) -> None:
+async def test_settings_persist_across_reopen_and_none_restores_default(store: Store, database: Database) -> None:
     assert await store.get_channel_settings(CHANNEL) == ChannelSettings(channel_id=CHANNEL)
     assert (await store.get_channel_settings(CHANNEL)).effective_reply_mode is ReplyMode.MENTION
 
@@ -206,7 +188,7 @@ async def test_settings_persist_across_reopen_and_none_restores_default(store: S
     assert second.updated_by == ALICE
 
     await store.close()
-    async with Store.open(db_path) as reopened:
+    async with database.open() as reopened:
         assert await reopened.get_channel_settings(CHANNEL) == second
         assert await reopened.get_channel_settings(OTHER) == ChannelSettings(channel_id=OTHER)
 
@@ -215,7 +197,7 @@ async def test_settings_persist_across_reopen_and_none_restores_default(store: S
         assert (third.temperature, third.system_prompt) == (None, None)
         assert (third.top_p, third.max_new_tokens, third.reply_mode) == (0.5, 64, ReplyMode.ALL)
 
-    async with Store.open(db_path) as again:
+    async with database.open() as again:
         assert await again.get_channel_settings(CHANNEL) == third
 
 
@@ -275,17 +257,19 @@ async def test_bad_settings_are_rejected_before_anything_is_written(
         (lambda s: s.update_channel_settings(CHANNEL, changed_by="mod", temperature=1.0), TypeError),
     ],
 )
-async def test_bad_arguments_raise_and_write_nothing(call, error: type[Exception], store: Store, db_path: Path) -> None:
+async def test_bad_arguments_raise_and_write_nothing(
+    call, error: type[Exception], store: Store, database: Database
+) -> None:
     with pytest.raises(error):
         await call(store)
-    with sqlite3.connect(db_path) as raw:
-        assert raw.execute("SELECT count(*) FROM messages").fetchone()[0] == 0
+    assert await database.count("messages") == 0
+    assert await database.count("channels") == 0
 
 
-async def test_ids_keep_increasing_across_reopen(db_path: Path) -> None:
-    async with Store.open(db_path) as first:
+async def test_ids_keep_increasing_across_reopen(database: Database) -> None:
+    async with database.open() as first:
         a = await first.append_message(CHANNEL, "user", "a")
-    store = await Store.open(db_path)
+    store = await database.open()
     try:
         b = await store.append_message(CHANNEL, "user", "b")
     finally:
@@ -293,8 +277,8 @@ async def test_ids_keep_increasing_across_reopen(db_path: Path) -> None:
     assert b.id > a.id
 
 
-async def test_closed_store_raises_store_error(db_path: Path) -> None:
-    store = await Store.open(db_path)
+async def test_closed_store_raises_store_error(database: Database) -> None:
+    store = await database.open()
     await store.close()
     await store.close()  # twice is fine
     assert store.closed
@@ -304,18 +288,9 @@ async def test_closed_store_raises_store_error(db_path: Path) -> None:
         await store.append_message(CHANNEL, "user", "x")
 
 
-async def test_store_is_its_own_async_context_manager(db_path: Path) -> None:
-    store = await Store.open(db_path)
+async def test_store_is_its_own_async_context_manager(database: Database) -> None:
+    store = await database.open()
     async with store:
         message = await store.append_message(CHANNEL, "user", "x")
     assert store.closed
     assert isinstance(message, StoredMessage)
-
-
-def test_message_columns_follow_the_dataclass_field_order() -> None:
-    """load_history builds StoredMessage positionally from _MESSAGE_COLUMNS; the two must stay in step."""
-    from dataclasses import fields
-
-    from storage.store import _MESSAGE_COLUMNS
-
-    assert [f.name for f in fields(StoredMessage)] == [c.strip() for c in _MESSAGE_COLUMNS.split(",")]

@@ -1,4 +1,5 @@
-"""Many coroutines on one Store, two connections on one file, cancellation, and SIGKILL durability."""
+"""Many coroutines on one store, two stores (as two processes would) on one database, cancellation, and SIGKILL
+durability: on both backends."""
 
 from __future__ import annotations
 
@@ -6,26 +7,26 @@ import asyncio
 import os
 import random
 import signal
-import sqlite3
 import subprocess
 import sys
+import threading
 from collections import defaultdict
-from pathlib import Path
 
 import pytest
 
 from storage import Store
 from tests.support import REPO
+from tests.support.databases import Database
 
 BASE = 1_000_000_000_000_000_000
 
 
-async def test_fifty_channels_and_a_hot_channel_written_concurrently(tmp_path: Path) -> None:
+async def test_fifty_channels_and_a_hot_channel_written_concurrently(database: Database) -> None:
     channels, per_channel = 50, 40
     hot, hot_writers, per_hot_writer = BASE + 999, 20, 40
     rng = random.Random(7)
 
-    async with Store.open(tmp_path / "busy.sqlite3") as store:
+    async with database.open() as store:
 
         async def write_channel(index: int) -> None:
             channel = BASE + index
@@ -71,79 +72,77 @@ async def test_fifty_channels_and_a_hot_channel_written_concurrently(tmp_path: P
         for writer in range(hot_writers):
             assert by_writer[writer] == [f"w{writer}-{i}" for i in range(per_hot_writer)]
 
-    with sqlite3.connect(tmp_path / "busy.sqlite3") as raw:
-        total = raw.execute("SELECT count(*) FROM messages").fetchone()[0]
-    assert total == channels * per_channel + hot_writers * per_hot_writer
+    assert await database.count("messages") == channels * per_channel + hot_writers * per_hot_writer
 
 
-async def test_resets_and_appends_on_one_channel_interleave_cleanly(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stores", ["one store", "two stores"])
+async def test_resets_and_appends_on_one_channel_interleave_cleanly(stores: str, database: Database) -> None:
+    """Two stores are two connections, as two processes have: nothing but the database keeps them in step."""
     channel = BASE + 1
-    async with Store.open(tmp_path / "reset.sqlite3") as store:
+    async with database.open() as first, database.open() as second:
+        resetting = first if stores == "one store" else second
         appended: list[int] = []
 
         async def writer() -> None:
             for i in range(200):
-                appended.append((await store.append_message(channel, "user", str(i))).id)
+                appended.append((await first.append_message(channel, "user", str(i))).id)
 
         async def resetter() -> list[int]:
             counts = []
             for _ in range(20):
-                counts.append(await store.reset(channel))
+                counts.append(await resetting.reset(channel))
                 await asyncio.sleep(0)
             return counts
 
         _, counts = await asyncio.gather(writer(), resetter())
-        remaining = await store.load_history(channel, 1000)
+        remaining = await first.load_history(channel, 1000)
         # Every message was either hidden by exactly one reset or is still in the history.
         assert sum(counts) + len(remaining) == 200
         assert [m.id for m in remaining] == appended[len(appended) - len(remaining) :]
 
 
-async def test_cancelled_operations_leave_the_store_usable(tmp_path: Path) -> None:
+async def test_cancelled_operations_leave_the_store_usable(store: Store) -> None:
     channel = BASE + 2
-    async with Store.open(tmp_path / "cancel.sqlite3") as store:
-        for round_ in range(20):
-            tasks = [
-                asyncio.create_task(store.update_channel_settings(channel, changed_by=1, top_p=0.5)),
-                asyncio.create_task(store.reset(channel)),
-                asyncio.create_task(store.append_message(channel, "user", f"r{round_}")),
-                asyncio.create_task(store.load_history(channel, 10)),
-            ]
-            for _ in range(round_ % 4):
-                await asyncio.sleep(0)
-            for task in tasks[round_ % 2 :: 2]:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-        # No transaction was left open and the lock is free: normal work goes on.
-        final = await store.append_message(channel, "user", "final")
-        assert (await store.load_history(channel, 1))[-1] == final
-        settings = await store.update_channel_settings(channel, changed_by=2, max_new_tokens=7)
-        assert settings.max_new_tokens == 7
+    for round_ in range(20):
+        tasks = [
+            asyncio.create_task(store.update_channel_settings(channel, changed_by=1, top_p=0.5)),
+            asyncio.create_task(store.reset(channel)),
+            asyncio.create_task(store.append_message(channel, "user", f"r{round_}")),
+            asyncio.create_task(store.load_history(channel, 10)),
+        ]
+        for _ in range(round_ % 4):
+            await asyncio.sleep(0)
+        for task in tasks[round_ % 2 :: 2]:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    # No transaction was left open and the lock is free: normal work goes on.
+    final = await store.append_message(channel, "user", "final")
+    assert (await store.load_history(channel, 1))[-1] == final
+    settings = await store.update_channel_settings(channel, changed_by=2, max_new_tokens=7)
+    assert settings.max_new_tokens == 7
 
 
-async def test_an_append_is_never_swallowed_by_another_coroutines_rolled_back_transaction(tmp_path: Path) -> None:
+async def test_an_append_is_never_swallowed_by_another_coroutines_rolled_back_transaction(store: Store) -> None:
     """A settings update cancelled mid-transaction rolls back; an append queued meanwhile must not go with it."""
     channel = BASE + 5
-    async with Store.open(tmp_path / "atomic.sqlite3") as store:
-        returned = []
-        for steps in range(6):
-            update = asyncio.create_task(store.update_channel_settings(channel, changed_by=1, top_p=0.5))
-            await asyncio.sleep(0)  # the update holds the lock and has queued BEGIN
-            append = asyncio.create_task(store.append_message(channel, "user", f"m{steps}"))
-            for _ in range(steps):
-                await asyncio.sleep(0)
-            update.cancel()
-            results = await asyncio.gather(update, append, return_exceptions=True)
-            if not isinstance(results[1], BaseException):
-                returned.append(results[1])
-        assert len(returned) == 6
-        assert await store.load_history(channel, 100) == returned
+    returned = []
+    for steps in range(6):
+        update = asyncio.create_task(store.update_channel_settings(channel, changed_by=1, top_p=0.5))
+        await asyncio.sleep(0)  # the update holds the lock and has queued BEGIN
+        append = asyncio.create_task(store.append_message(channel, "user", f"m{steps}"))
+        for _ in range(steps):
+            await asyncio.sleep(0)
+        update.cancel()
+        results = await asyncio.gather(update, append, return_exceptions=True)
+        if not isinstance(results[1], BaseException):
+            returned.append(results[1])
+    assert len(returned) == 6
+    assert await store.load_history(channel, 100) == returned
 
 
-async def test_two_connections_to_one_file_both_write(tmp_path: Path) -> None:
-    """E.g. the bot and `llamacord chat` at once: WAL plus the busy timeout let both commit."""
-    path = tmp_path / "shared.sqlite3"
-    async with Store.open(path) as first, Store.open(path) as second:
+async def test_two_stores_on_one_database_both_write(database: Database) -> None:
+    """E.g. the bot and `llamacord chat` at once, or two shard processes: both commit, each in its own order."""
+    async with database.open() as first, database.open() as second:
 
         async def write(store: Store, tag: str) -> None:
             for i in range(100):
@@ -159,10 +158,11 @@ async def test_two_connections_to_one_file_both_write(tmp_path: Path) -> None:
 
 WRITER = """
 import asyncio, sys
-from storage import Store
+from storage import SQLiteStore, open_store
 
-async def main(path, count, synchronous):
-    store = await Store.open(path, synchronous=synchronous)
+async def main(location, count, synchronous):
+    opening = SQLiteStore.open(location, synchronous=synchronous) if synchronous else open_store(location)
+    store = await opening
     for i in range(count):
         message = await store.append_message(42, "user", f"durable {i} \\x00 🦙", author_id=i)
         print(message.id, i, flush=True)  # only after the write has returned
@@ -171,11 +171,15 @@ asyncio.run(main(sys.argv[1], int(sys.argv[2]), sys.argv[3]))
 """
 
 
-@pytest.mark.parametrize("synchronous", ["NORMAL", "FULL"])
-def test_every_returned_write_survives_sigkill(tmp_path: Path, synchronous: str) -> None:
-    path = tmp_path / "killed.sqlite3"
+@pytest.mark.parametrize(
+    ("database", "synchronous"),
+    [("sqlite", "NORMAL"), ("sqlite", "FULL"), ("postgres", "")],
+    indirect=["database"],
+    ids=["sqlite-NORMAL", "sqlite-FULL", "postgres"],
+)
+def test_every_returned_write_survives_sigkill(database: Database, synchronous: str) -> None:
     child = subprocess.Popen(
-        [sys.executable, "-c", WRITER, str(path), "1000000", synchronous],
+        [sys.executable, "-c", WRITER, str(database.location), "1000000", synchronous],
         cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO)},
         stdout=subprocess.PIPE,
@@ -183,6 +187,8 @@ def test_every_returned_write_survives_sigkill(tmp_path: Path, synchronous: str)
         text=True,
     )
     assert child.stdout is not None
+    watchdog = threading.Timer(120, child.kill)  # reading the pipe has no timeout of its own
+    watchdog.start()
     printed: list[tuple[int, int]] = []
     try:
         for line in child.stdout:
@@ -195,13 +201,14 @@ def test_every_returned_write_survives_sigkill(tmp_path: Path, synchronous: str)
             if line.strip():
                 printed.append(tuple(map(int, line.split())))
     finally:
+        watchdog.cancel()
         child.kill()
         child.wait(timeout=30)
     assert child.returncode == -signal.SIGKILL, child.stderr.read() if child.stderr else ""
     assert len(printed) >= 300
 
     async def check() -> None:
-        async with Store.open(path) as store:
+        async with database.open() as store:
             history = await store.load_history(42, 2_000_000)
         stored = {m.id: m for m in history}
         for message_id, i in printed:

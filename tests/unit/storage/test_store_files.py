@@ -1,4 +1,5 @@
-"""What `Store.open` does with the file it is given: create, migrate, or refuse with a clear StoreError.
+"""What `SQLiteStore.open` does with the file it is given: create, migrate, or refuse with a clear StoreError; and
+that deleted text leaves the file.
 
 Every refusal must leave the file byte-for-byte untouched (and create no -wal/-shm files beside it).
 """
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from storage import ChannelSettings, ReplyMode, Role, Store, StoreError
+from storage import ChannelSettings, ReplyMode, Role, SQLiteStore, StoreError
 from storage.schema import LATEST_VERSION
 from tests.support import REPO
 
@@ -82,21 +83,23 @@ def make_v1_database(path: Path) -> None:
 
 async def test_fresh_database_is_created_at_the_latest_version_in_wal_mode(tmp_path: Path) -> None:
     path = tmp_path / "new.sqlite3"
-    async with Store.open(path) as store:
+    async with SQLiteStore.open(path) as store:
         await store.append_message(1, "user", "x")
     with sqlite3.connect(path) as raw:
         assert raw.execute("PRAGMA user_version").fetchone()[0] == LATEST_VERSION
         assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         columns = {row[1] for row in raw.execute("PRAGMA table_info(channels)")}
         indexes = {row[1] for row in raw.execute("PRAGMA index_list(messages)")}
-    assert {"history_start_id", "reset_at", "reset_by"} <= columns
-    assert "messages_by_channel" in indexes
+        tables = {row[0] for row in raw.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert {"history_start_id", "reset_at", "reset_by", "window_start_id"} <= columns
+    assert {"messages_by_channel", "messages_by_reply", "messages_by_author"} <= indexes
+    assert {"channels", "messages", "discord_messages"} <= tables
 
 
 async def test_empty_file_is_a_new_database(tmp_path: Path) -> None:
     path = tmp_path / "touched.sqlite3"
     path.touch()
-    async with Store.open(path) as store:
+    async with SQLiteStore.open(path) as store:
         assert await store.load_history(1, 5) == []
 
 
@@ -104,7 +107,7 @@ async def test_version_1_database_is_migrated_and_keeps_its_data(tmp_path: Path)
     path = tmp_path / "v1.sqlite3"
     make_v1_database(path)
 
-    async with Store.open(path) as store:
+    async with SQLiteStore.open(path) as store:
         pirate = await store.load_history(10, 50)
         assert [(m.role, m.author_name, m.content, m.message_id) for m in pirate] == [
             (Role.USER, "Ann", "ahoy\x00 שלום", 1001),
@@ -118,8 +121,16 @@ async def test_version_1_database_is_migrated_and_keeps_its_data(tmp_path: Path)
         assert settings.reply_mode is ReplyMode.ALL and settings.updated_by == 77
         assert await store.get_channel_settings(20) == ChannelSettings(channel_id=20)
 
+        # What version 3 added works on the upgraded data: the Discord ids of old turns were copied into
+        # discord_messages (so deleting the message deletes the turn), older replies answer no known turn.
+        assert [m.reply_to_id for m in pirate] == [None, None]
+        assert await store.get_window_start(10) == 0
+        assert await store.edit_discord_message(1001, "ahoy, edited") is True
+        assert await store.delete_discord_messages([1002]) == 1
+        assert [m.content for m in await store.load_history(10, 50)] == ["ahoy, edited"]
+
         # What version 2 added works on the upgraded data: reset archives, new ids continue after the old.
-        assert await store.reset(10) == 2
+        assert await store.reset(10) == 1
         assert await store.load_history(10, 50) == []
         new = await store.append_message(10, "user", "after the upgrade")
         assert new.id > max(m.id for m in pirate)
@@ -127,10 +138,10 @@ async def test_version_1_database_is_migrated_and_keeps_its_data(tmp_path: Path)
 
     with sqlite3.connect(path) as raw:
         assert raw.execute("PRAGMA user_version").fetchone()[0] == LATEST_VERSION
-        assert raw.execute("SELECT count(*) FROM messages").fetchone()[0] == 5  # archived, not deleted
+        assert raw.execute("SELECT count(*) FROM messages").fetchone()[0] == 4  # archived, not deleted (one was)
         assert raw.execute("SELECT history_start_id FROM channels WHERE channel_id = 20").fetchone()[0] == 0
 
-    async with Store.open(path) as again:  # opening an up-to-date database migrates nothing
+    async with SQLiteStore.open(path) as again:  # opening an up-to-date database migrates nothing
         assert [m.content for m in await again.load_history(20, 50)] == ["hello", "hi Bob"]
 
 
@@ -150,7 +161,7 @@ async def test_newer_schema_is_refused_and_left_untouched(tmp_path: Path, journa
     before = fingerprint(path)
     try:
         with pytest.raises(StoreError) as caught:
-            await Store.open(path)
+            await SQLiteStore.open(path)
         message = str(caught.value)
         assert str(path) in message
         assert "newer" in message and f"version {LATEST_VERSION + 1}" in message
@@ -176,7 +187,7 @@ async def test_a_file_that_is_not_sqlite_is_refused_and_left_untouched(tmp_path:
     before = fingerprint(path)
 
     with pytest.raises(StoreError) as caught:
-        await Store.open(path)
+        await SQLiteStore.open(path)
     assert str(path) in str(caught.value)
     assert "not" in str(caught.value) and "SQLite" in str(caught.value)
     assert fingerprint(path) == before
@@ -190,7 +201,7 @@ async def test_another_applications_sqlite_database_is_refused_and_left_untouche
         raw.execute("INSERT INTO invoices (total) VALUES (12.5)")
     before = fingerprint(path)
     with pytest.raises(StoreError, match="did not create") as caught:
-        await Store.open(path)
+        await SQLiteStore.open(path)
     assert str(path) in str(caught.value)
     assert fingerprint(path) == before
 
@@ -198,14 +209,14 @@ async def test_another_applications_sqlite_database_is_refused_and_left_untouche
 async def test_missing_directory_gives_a_clear_message_and_creates_nothing(tmp_path: Path) -> None:
     path = tmp_path / "no" / "such" / "dir" / "llamacord.sqlite3"
     with pytest.raises(StoreError, match="does not exist") as caught:
-        await Store.open(path)
+        await SQLiteStore.open(path)
     assert str(path.parent) in str(caught.value)
     assert not (tmp_path / "no").exists()
 
 
 async def test_a_directory_as_the_database_path_is_refused(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="is a directory"):
-        await Store.open(tmp_path)
+        await SQLiteStore.open(tmp_path)
 
 
 # --- read-only locations ------------------------------------------------------------------------------------
@@ -213,7 +224,7 @@ async def test_a_directory_as_the_database_path_is_refused(tmp_path: Path) -> No
 
 CHILD = """
 import asyncio, concurrent.futures.thread, os, sys
-from storage import Store, StoreError
+from storage import SQLiteStore, StoreError
 if os.geteuid() == 0:
     try:
         os.setgroups([])
@@ -224,7 +235,7 @@ if os.geteuid() == 0:
         sys.exit(0)
 async def main():
     try:
-        store = await Store.open(sys.argv[1])
+        store = await SQLiteStore.open(sys.argv[1])
     except StoreError as error:
         print("STOREERROR", error)
     else:
@@ -278,7 +289,7 @@ async def test_read_only_directory_for_an_existing_database(shared_dir: Path) ->
     directory = shared_dir / "data"
     directory.mkdir()
     path = directory / "llamacord.sqlite3"
-    async with Store.open(path) as store:
+    async with SQLiteStore.open(path) as store:
         await store.append_message(1, "user", "keep me")
     path.chmod(0o666)  # the file itself is writable; only the directory is not
     directory.chmod(0o555)
@@ -291,7 +302,7 @@ async def test_read_only_directory_for_an_existing_database(shared_dir: Path) ->
 
 async def test_read_only_database_file(shared_dir: Path) -> None:
     path = shared_dir / "llamacord.sqlite3"
-    async with Store.open(path) as store:
+    async with SQLiteStore.open(path) as store:
         await store.append_message(1, "user", "keep me")
     path.chmod(0o444)
     before = fingerprint(path)
@@ -307,3 +318,26 @@ async def test_unprivileged_open_works_where_it_may(shared_dir: Path) -> None:
     writable.mkdir()
     writable.chmod(0o777)
     assert open_unprivileged(writable / "llamacord.sqlite3") == "OPENED"
+
+
+async def test_deleted_text_leaves_the_file(tmp_path: Path) -> None:
+    """secure_delete: a deleted turn's text is overwritten in the file, not just unlinked (a privacy promise)."""
+    path = tmp_path / "private.sqlite3"
+    secret = "my-password-is-SWORDFISH-" * 4  # long enough to be stored whole on one page
+    async with SQLiteStore.open(path) as store:
+        for i in range(50):
+            await store.append_message(1, "user", f"filler {i} " * 20, message_id=5000 + i)
+        await store.append_message(1, "user", secret, author_id=7, message_id=42)
+        await store.append_message(1, "user", secret.lower(), author_id=8)
+    assert secret.encode() in path.read_bytes()  # so the check below can fail
+    async with SQLiteStore.open(path) as store:
+        # Set by the store on its connection: Debian's SQLite already defaults to it, most other builds do not.
+        assert list(await store._conn().execute_fetchall("PRAGMA secure_delete")) == [(1,)]
+        assert await store.delete_discord_messages([42]) == 1
+        assert await store.forget_author(8) == 1
+        assert len(await store.load_history(1, 100)) == 50
+    # Closed: the WAL is checkpointed into the file and removed, so the file is the whole database.
+    assert not path.with_name(path.name + "-wal").exists()
+    data = path.read_bytes().lower()
+    assert secret.lower().encode() not in data
+    assert b"swordfish" not in data

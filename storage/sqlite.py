@@ -1,19 +1,19 @@
-"""`Store`: conversations and channel settings in SQLite, on one aiosqlite connection per process.
+"""`SQLiteStore`: conversations and channel settings in one SQLite file, on one aiosqlite connection per process.
 
 Concurrency. aiosqlite runs every statement on the connection's own thread, one at a time, in the order they
-were queued. On top of that, every operation holds `Store._lock` (an `asyncio.Lock`, FIFO) for its whole
+were queued. On top of that, every operation holds `SQLiteStore._lock` (an `asyncio.Lock`, FIFO) for its whole
 duration, so a multi-statement transaction is never interleaved with another coroutine's statements, and the
-writes of one coroutine land in the order it made them. Many coroutines may share one `Store`.
+writes of one coroutine land in the order it made them. Many coroutines may share one store. Other processes on the
+same host may open the same file: every write transaction is `BEGIN IMMEDIATE`, which takes SQLite's one write lock
+(waiting up to the busy timeout), so transactions of different processes never interleave either.
 
-Durability. The database is in WAL mode with `synchronous=NORMAL` by default. Every write is committed in
-autocommit mode or an explicit transaction before its coroutine returns, so the commit is in the -wal file (in
-the OS page cache) and survives SIGKILL of the process; the database stays consistent after power loss or an OS
-crash, but the last commits before it may be lost. `synchronous="FULL"` also fsyncs the WAL on every commit, so
-returned writes survive power loss too, at the cost of one fsync per write (about 4 ms on the benchmark machine,
-against a 2 ms target for an append). See docs/storage.md.
+Durability. The database is in WAL mode with `synchronous=NORMAL` by default. Every write is committed before its
+coroutine returns, so the commit is in the -wal file (in the OS page cache) and survives SIGKILL of the process;
+the database stays consistent after power loss or an OS crash, but the last commits before it may be lost.
+`synchronous="FULL"` also fsyncs the WAL on every commit, so returned writes survive power loss too, at the cost of
+one fsync per write. See docs/storage.md.
 
-Reset archives: `reset()` moves the channel's history start past its newest message. Older messages stay in the
-database for moderation and audit, but `load_history` never returns them.
+Privacy. `secure_delete` is on: a deleted message's text is overwritten in the file, not just unlinked.
 
 Every SQLite failure surfaces as `StoreError`, whose message names the database path.
 """
@@ -21,60 +21,68 @@ Every SQLite failure surfaces as `StoreError`, whose message names the database 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Generator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager, suppress
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Literal
 
 import aiosqlite
 
-from storage.models import (
-    SETTING_FIELDS,
-    ChannelSettings,
-    ReplyMode,
-    Role,
-    StoredMessage,
-    check_setting,
-    check_snowflake,
-)
-from storage.schema import LATEST_VERSION, SQLITE_HEADER, pending
+from storage.base import Opening, Store, StoreError
+from storage.models import CHANNEL_SETTINGS_FIELDS, MESSAGE_FIELDS, ChannelSettings, ReplyMode, Role, StoredMessage
+from storage.schema import LATEST_VERSION, SQLITE_HEADER, SQLITE_MIGRATIONS, pending
 
 Synchronous = Literal["FULL", "NORMAL"]
 
 DEFAULT_BUSY_TIMEOUT_MS = 5_000
 
-_MESSAGE_COLUMNS = "id, channel_id, role, content, author_id, author_name, message_id, created_at"
-_SETTINGS_COLUMNS = "channel_id, " + ", ".join(SETTING_FIELDS) + ", updated_by, updated_at"
+_MESSAGE_COLUMNS = ", ".join(MESSAGE_FIELDS)
+_READ_SETTINGS = f"SELECT {', '.join(CHANNEL_SETTINGS_FIELDS)} FROM channels WHERE channel_id = ?"
 
 _ROLES = {role.value: role for role in Role}
 
+_ADD_CHANNEL = "INSERT OR IGNORE INTO channels (channel_id) VALUES (?)"
 _INSERT_MESSAGE = (
-    "INSERT INTO messages (channel_id, role, content, author_id, author_name, message_id, created_at) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id"
+    f"INSERT INTO messages ({', '.join(MESSAGE_FIELDS[1:])}) "
+    f"VALUES ({', '.join('?' * (len(MESSAGE_FIELDS) - 1))}) RETURNING id"
+)
+# A Discord message shows one turn; mapping it again moves it to the newer turn.
+_SHOW = (
+    "INSERT INTO discord_messages (discord_message_id, turn_id) VALUES (?, ?) "
+    "ON CONFLICT (discord_message_id) DO UPDATE SET turn_id = excluded.turn_id"
 )
 # Newest first, then reversed in Python. The index messages_by_channel (channel_id, id) turns this into a short
-# backwards range scan whatever the size of the table; archived messages (id <= history_start_id) are skipped.
+# backwards range scan whatever the size of the table; archived messages (id <= history_start_id) and those before
+# the window start are skipped.
 _LOAD_HISTORY = (
     f"SELECT {_MESSAGE_COLUMNS} FROM messages "
     "WHERE channel_id = ?1 "
     "AND id > coalesce((SELECT history_start_id FROM channels WHERE channel_id = ?1), 0) "
+    "AND id >= coalesce((SELECT window_start_id FROM channels WHERE channel_id = ?1), 0) "
     "ORDER BY id DESC LIMIT ?2"
+)
+# Deletes the turns a `_PICK_...` prefix picks, and every reply to them; returns one row per deleted turn.
+_DELETE_WITH_REPLIES = (
+    "DELETE FROM messages WHERE id IN (SELECT id FROM picked UNION "
+    "SELECT reply.id FROM messages AS reply JOIN picked ON reply.reply_to_id = picked.id) RETURNING id"
+)
+_PICK_SHOWN_BY = (
+    "WITH picked (id) AS (SELECT turn_id FROM discord_messages "
+    "WHERE discord_message_id IN (SELECT value FROM json_each(?1))) "
+)
+# ?2 NULL: every channel. The partial index messages_by_author (author_id, channel_id) WHERE role = 'user' finds them.
+_PICK_AUTHORED = (
+    "WITH picked (id) AS (SELECT id FROM messages "
+    "WHERE role = 'user' AND author_id = ?1 AND (?2 IS NULL OR channel_id = ?2)) "
 )
 
 
-class StoreError(Exception):
-    """The database cannot be opened or used. `str()` names the path and, where it can, what to do."""
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
 def _to_text(moment: datetime) -> str:
+    """A UTC time as stored: fixed-width ISO 8601, so text order is time order."""
     return moment.isoformat(timespec="microseconds")
 
 
@@ -82,37 +90,14 @@ def _from_text(text: str | None) -> datetime | None:
     return None if text is None else datetime.fromisoformat(text)
 
 
-class _Opening:
-    """What `Store.open` returns: await it for a `Store`, or use it with `async with` to close it at the end."""
-
-    def __init__(self, path: str | os.PathLike[str], synchronous: Synchronous, busy_timeout_ms: int) -> None:
-        self._args = (path, synchronous, busy_timeout_ms)
-        self._store: Store | None = None
-
-    def __await__(self) -> Generator[Any, None, Store]:
-        return Store._open(*self._args).__await__()
-
-    async def __aenter__(self) -> Store:
-        self._store = await Store._open(*self._args)
-        return self._store
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if self._store is not None:
-            await self._store.close()
-
-
-class Store:
-    """The async store. Create it with `await Store.open(path)` (or `async with Store.open(path) as store`)."""
+class SQLiteStore(Store):
+    """The store on a SQLite file. Open it with `await SQLiteStore.open(path)` (or `async with`)."""
 
     def __init__(self, connection: aiosqlite.Connection, path: Path, synchronous: Synchronous) -> None:
         self._connection: aiosqlite.Connection | None = connection
         self._path = path
         self._synchronous = synchronous
         self._lock = asyncio.Lock()
-        # Channels known to have a `channels` row, so that an append is a single INSERT (one commit).
-        self._known_channels: set[int] = set()
 
     # --- opening and closing -------------------------------------------------------------------------------
 
@@ -123,7 +108,7 @@ class Store:
         *,
         synchronous: Synchronous = "NORMAL",
         busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
-    ) -> _Opening:
+    ) -> Opening[SQLiteStore]:
         """Open (creating if needed) and migrate the database at `path`.
 
         Raises `StoreError`, leaving the file byte-for-byte untouched, when the file is not a SQLite database,
@@ -137,11 +122,10 @@ class Store:
             raise ValueError(f"synchronous must be 'FULL' or 'NORMAL', got {synchronous!r}")
         if isinstance(busy_timeout_ms, bool) or not isinstance(busy_timeout_ms, int) or busy_timeout_ms < 0:
             raise ValueError(f"busy_timeout_ms must be a non-negative int, got {busy_timeout_ms!r}")
-        return _Opening(path, synchronous, busy_timeout_ms)
+        return Opening(lambda: cls._open(Path(path), synchronous, busy_timeout_ms))
 
     @classmethod
-    async def _open(cls, path: str | os.PathLike[str], synchronous: Synchronous, busy_timeout_ms: int) -> Store:
-        path = Path(path)
+    async def _open(cls, path: Path, synchronous: Synchronous, busy_timeout_ms: int) -> SQLiteStore:
         await asyncio.to_thread(_check_before_opening, path)
         try:
             connection = await aiosqlite.connect(path, isolation_level=None)
@@ -170,6 +154,7 @@ class Store:
                 )
             await connection.execute(f"PRAGMA synchronous = {self._synchronous}")
             await connection.execute("PRAGMA foreign_keys = ON")
+            await connection.execute("PRAGMA secure_delete = ON")
         except sqlite3.Error as error:
             raise self._error("configure", error) from error
 
@@ -180,14 +165,13 @@ class Store:
                 raise _newer_schema_error(self._path, version)
             if version == 0 and await self._scalar(connection, "SELECT count(*) FROM sqlite_master"):
                 raise _foreign_database_error(self._path)
-            for migration in pending(version):
+            for migration in pending(SQLITE_MIGRATIONS, version):
                 for statement in migration.statements:
                     await connection.execute(statement)
             if version != LATEST_VERSION:
                 await connection.execute(f"PRAGMA user_version = {LATEST_VERSION}")
 
     async def close(self) -> None:
-        """Close the connection after the operations already waiting. Safe to call twice."""
         async with self._lock:
             connection, self._connection = self._connection, None
             if connection is None:
@@ -195,14 +179,6 @@ class Store:
             with suppress(sqlite3.Error):
                 await connection.execute("PRAGMA optimize")
             await connection.close()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
 
     @property
     def path(self) -> Path:
@@ -214,92 +190,36 @@ class Store:
 
     # --- conversations ----------------------------------------------------------------------------------
 
-    async def append_message(
-        self,
-        channel_id: int,
-        role: Role | str,
-        content: str,
-        *,
-        author_id: int | None = None,
-        author_name: str | None = None,
-        message_id: int | None = None,
-    ) -> StoredMessage:
-        """Append one message to a channel's conversation. When this returns, the message is durable."""
-        check_snowflake("channel_id", channel_id)
-        check_snowflake("author_id", author_id, optional=True)
-        check_snowflake("message_id", message_id, optional=True)
-        try:
-            role = Role(role)
-        except ValueError:
-            raise ValueError(f"role must be one of {', '.join(Role)}, got {role!r}") from None
-        if not isinstance(content, str):
-            raise TypeError(f"content must be a str, not {type(content).__name__}")
-        if author_name is not None and not isinstance(author_name, str):
-            raise TypeError(f"author_name must be a str or None, not {type(author_name).__name__}")
-        created_at = _now()
-        parameters = (channel_id, role.value, content, author_id, author_name, message_id, _to_text(created_at))
-        async with self._lock:
-            connection = self._conn()
-            try:
-                rows = await self._insert_message(connection, channel_id, parameters)
-            except sqlite3.Error as error:
-                raise self._error("append a message to", error) from error
-        return StoredMessage(
-            id=rows[0][0],
-            channel_id=channel_id,
-            role=role,
-            content=content,
-            author_id=author_id,
-            author_name=author_name,
-            message_id=message_id,
-            created_at=created_at,
-        )
+    async def _append(self, message: StoredMessage, shown_by: tuple[int, ...]) -> int:
+        async with self._transaction("append a message to") as connection:
+            await connection.execute(_ADD_CHANNEL, (message.channel_id,))
+            rows = await connection.execute_fetchall(
+                _INSERT_MESSAGE,
+                (
+                    message.channel_id,
+                    message.role.value,
+                    message.content,
+                    message.author_id,
+                    message.author_name,
+                    message.message_id,
+                    _to_text(message.created_at),
+                    message.reply_to_id,
+                ),
+            )
+            stored_id = int(next(iter(rows))[0])
+            await self._show(connection, stored_id, shown_by)
+        return stored_id
 
-    async def _insert_message(
-        self, connection: aiosqlite.Connection, channel_id: int, parameters: tuple[object, ...]
-    ) -> list[sqlite3.Row]:
-        # Caller holds the lock. Autocommit: the INSERT is its own transaction, committed when it returns.
-        if channel_id not in self._known_channels:
-            await connection.execute("INSERT OR IGNORE INTO channels (channel_id) VALUES (?)", (channel_id,))
-            self._known_channels.add(channel_id)
-        try:
-            return list(await connection.execute_fetchall(_INSERT_MESSAGE, parameters))
-        except sqlite3.IntegrityError:
-            # The channel row went away behind our back (another process); recreate it and retry once.
-            self._known_channels.discard(channel_id)
-            await connection.execute("INSERT OR IGNORE INTO channels (channel_id) VALUES (?)", (channel_id,))
-            self._known_channels.add(channel_id)
-            return list(await connection.execute_fetchall(_INSERT_MESSAGE, parameters))
-
-    async def load_history(self, channel_id: int, limit: int) -> list[StoredMessage]:
-        """The newest `limit` messages of the channel since its last reset, oldest first. Unknown channel: []."""
-        check_snowflake("channel_id", channel_id)
-        if isinstance(limit, bool) or not isinstance(limit, int):
-            raise TypeError(f"limit must be an int, not {type(limit).__name__}")
-        if limit < 0:
-            raise ValueError(f"limit must be 0 or more, got {limit}")
-        if limit == 0:
-            return []
-        async with self._lock:
-            connection = self._conn()
-            try:
-                rows = await connection.execute_fetchall(_LOAD_HISTORY, (channel_id, limit))
-            except sqlite3.Error as error:
-                raise self._error("load history from", error) from error
-        # Positional, in _MESSAGE_COLUMNS order (StoredMessage's field order): this loop is on every prompt's path.
+    async def _load_history(self, channel_id: int, limit: int) -> list[StoredMessage]:
+        rows = await self._read("load history from", _LOAD_HISTORY, (channel_id, limit))
+        # Positional, in MESSAGE_FIELDS order: this loop is on every prompt's path.
         roles, parse_time = _ROLES, datetime.fromisoformat
         return [
-            StoredMessage(row[0], row[1], roles[row[2]], row[3], row[4], row[5], row[6], parse_time(row[7]))
+            StoredMessage(row[0], row[1], roles[row[2]], row[3], row[4], row[5], row[6], parse_time(row[7]), row[8])
             for row in reversed(rows)
         ]
 
-    async def reset(self, channel_id: int, *, reset_by: int | None = None) -> int:
-        """Archive the channel's conversation so the next prompt starts fresh; return how many messages that hid.
-
-        The messages stay in the database (for moderation and audit) but are never loaded again.
-        """
-        check_snowflake("channel_id", channel_id)
-        check_snowflake("reset_by", reset_by, optional=True)
+    async def _reset(self, channel_id: int, reset_by: int | None, reset_at: datetime) -> int:
         async with self._transaction("reset a channel in") as connection:
             rows = await connection.execute_fetchall(
                 "SELECT count(m.id), max(m.id) FROM channels AS c JOIN messages AS m "
@@ -311,74 +231,86 @@ class Store:
                 return 0
             await connection.execute(
                 "UPDATE channels SET history_start_id = ?, reset_at = ?, reset_by = ? WHERE channel_id = ?",
-                (newest, _to_text(_now()), reset_by, channel_id),
+                (newest, _to_text(reset_at), reset_by, channel_id),
             )
             return int(cleared)
 
+    async def _set_window_start(self, channel_id: int, message_id: int) -> None:
+        async with self._transaction("set the window start in") as connection:
+            await connection.execute(
+                "INSERT INTO channels (channel_id, window_start_id) VALUES (?, ?) "
+                "ON CONFLICT (channel_id) DO UPDATE SET window_start_id = excluded.window_start_id",
+                (channel_id, message_id),
+            )
+
+    async def _get_window_start(self, channel_id: int) -> int:
+        rows = await self._read(
+            "read the window start from", "SELECT window_start_id FROM channels WHERE channel_id = ?", (channel_id,)
+        )
+        return int(rows[0][0]) if rows else 0
+
+    # --- deletions and edits ----------------------------------------------------------------------------------
+
+    async def _delete_shown_by(self, message_ids: tuple[int, ...]) -> int:
+        return await self._delete(_PICK_SHOWN_BY + _DELETE_WITH_REPLIES, (json.dumps(message_ids),))
+
+    async def _forget_author(self, author_id: int, channel_id: int | None) -> int:
+        return await self._delete(_PICK_AUTHORED + _DELETE_WITH_REPLIES, (author_id, channel_id))
+
+    async def _purge_older_than(self, cutoff: datetime) -> int:
+        return await self._delete("DELETE FROM messages WHERE created_at < ? RETURNING id", (_to_text(cutoff),))
+
+    async def _delete(self, sql: str, parameters: tuple[object, ...]) -> int:
+        async with self._transaction("delete messages from") as connection:
+            return len(list(await connection.execute_fetchall(sql, parameters)))
+
+    async def _edit_user_turn(self, message_id: int, content: str) -> bool:
+        async with self._transaction("edit a message in") as connection:
+            rows = await connection.execute_fetchall(
+                "UPDATE messages SET content = ? WHERE role = 'user' "
+                "AND id = (SELECT turn_id FROM discord_messages WHERE discord_message_id = ?) RETURNING id",
+                (content, message_id),
+            )
+            return bool(list(rows))
+
+    async def _update_reply(
+        self, stored_id: int, content: str, message_id: int | None, shown_by: tuple[int, ...]
+    ) -> None:
+        async with self._transaction("update a reply in") as connection:
+            rows = await connection.execute_fetchall(
+                "UPDATE messages SET content = ?, message_id = ? WHERE id = ? AND role = 'assistant' RETURNING id",
+                (content, message_id, stored_id),
+            )
+            if not list(rows):
+                return
+            await connection.execute("DELETE FROM discord_messages WHERE turn_id = ?", (stored_id,))
+            await self._show(connection, stored_id, shown_by)
+
+    @staticmethod
+    async def _show(connection: aiosqlite.Connection, stored_id: int, shown_by: Iterable[int]) -> None:
+        await connection.executemany(_SHOW, [(discord_id, stored_id) for discord_id in shown_by])
+
     # --- channel settings ----------------------------------------------------------------------------------
 
-    async def get_channel_settings(self, channel_id: int) -> ChannelSettings:
-        """The channel's overrides; all `None` (the global defaults) for a channel never configured."""
-        check_snowflake("channel_id", channel_id)
-        async with self._lock:
-            connection = self._conn()
-            try:
-                return await self._read_settings(connection, channel_id)
-            except sqlite3.Error as error:
-                raise self._error("read channel settings from", error) from error
+    async def _get_channel_settings(self, channel_id: int) -> ChannelSettings:
+        rows = await self._read("read channel settings from", _READ_SETTINGS, (channel_id,))
+        return _settings(rows[0]) if rows else ChannelSettings(channel_id=channel_id)
 
-    async def update_channel_settings(
-        self, channel_id: int, *, changed_by: int | None, **changes: object
+    async def _update_channel_settings(
+        self, channel_id: int, values: dict[str, object], changed_by: int | None, updated_at: datetime
     ) -> ChannelSettings:
-        """Change some of the channel's overrides and return them all.
-
-        Fields not passed stay as they are; a field passed as `None` goes back to the global default. Unknown
-        field names and out-of-range values raise `ValueError` (wrong types `TypeError`) before anything is
-        written. `changed_by` (a Discord user id, or None for the terminal) and the time are recorded. With no
-        changes, nothing is written and the current settings are returned.
-        """
-        check_snowflake("channel_id", channel_id)
-        check_snowflake("changed_by", changed_by, optional=True)
-        unknown = sorted(set(changes) - set(SETTING_FIELDS))
-        if unknown:
-            raise ValueError(
-                f"unknown channel setting(s) {', '.join(unknown)}; known settings: {', '.join(SETTING_FIELDS)}"
-            )
-        values = {name: check_setting(name, value) for name, value in changes.items()}
-        if not values:
-            return await self.get_channel_settings(channel_id)
-        # Column names come from SETTING_FIELDS only (checked above); every value is a bound parameter.
+        # Column names come from SETTING_FIELDS only (checked by the caller); every value is a bound parameter.
         assignments = ", ".join(f"{name} = ?" for name in values)
         parameters = [value.value if isinstance(value, ReplyMode) else value for value in values.values()]
         async with self._transaction("update channel settings in") as connection:
-            await connection.execute("INSERT OR IGNORE INTO channels (channel_id) VALUES (?)", (channel_id,))
+            await connection.execute(_ADD_CHANNEL, (channel_id,))
             await connection.execute(
                 f"UPDATE channels SET {assignments}, updated_by = ?, updated_at = ? WHERE channel_id = ?",
-                (*parameters, changed_by, _to_text(_now()), channel_id),
+                (*parameters, changed_by, _to_text(updated_at), channel_id),
             )
-            settings = await self._read_settings(connection, channel_id)
-        self._known_channels.add(channel_id)
-        return settings
-
-    async def _read_settings(self, connection: aiosqlite.Connection, channel_id: int) -> ChannelSettings:
-        rows = list(
-            await connection.execute_fetchall(
-                f"SELECT {_SETTINGS_COLUMNS} FROM channels WHERE channel_id = ?", (channel_id,)
-            )
-        )
-        if not rows:
-            return ChannelSettings(channel_id=channel_id)
-        _, system_prompt, temperature, top_p, max_new_tokens, reply_mode, updated_by, updated_at = rows[0]
-        return ChannelSettings(
-            channel_id=channel_id,
-            system_prompt=system_prompt,
-            temperature=temperature,
-            top_p=top_p,
-            max_new_tokens=max_new_tokens,
-            reply_mode=None if reply_mode is None else ReplyMode(reply_mode),
-            updated_by=updated_by,
-            updated_at=_from_text(updated_at),
-        )
+            # Read back, not RETURNING: RETURNING gives a REAL column's 0.0 back as the integer 0.
+            rows = await connection.execute_fetchall(_READ_SETTINGS, (channel_id,))
+            return _settings(next(iter(rows)))
 
     # --- internals ---------------------------------------------------------------------------------------
 
@@ -389,6 +321,14 @@ class Store:
 
     def _error(self, action: str, error: sqlite3.Error) -> StoreError:
         return StoreError(f"Cannot {action} the database {self._path}: {error}")
+
+    async def _read(self, action: str, sql: str, parameters: tuple[object, ...]) -> list[sqlite3.Row]:
+        async with self._lock:
+            connection = self._conn()
+            try:
+                return list(await connection.execute_fetchall(sql, parameters))
+            except sqlite3.Error as error:
+                raise self._error(action, error) from error
 
     @asynccontextmanager
     async def _transaction(self, action: str) -> AsyncIterator[aiosqlite.Connection]:
@@ -414,6 +354,10 @@ class Store:
     async def _scalar(connection: aiosqlite.Connection, sql: str) -> int:
         rows = await connection.execute_fetchall(sql)
         return int(next(iter(rows))[0])
+
+
+def _settings(row: sqlite3.Row) -> ChannelSettings:
+    return ChannelSettings.from_row((*row[:-1], _from_text(row[-1])))
 
 
 # --- checks before SQLite touches the file ------------------------------------------------------------------
