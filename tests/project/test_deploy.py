@@ -11,6 +11,7 @@ import shlex
 import tomllib
 from pathlib import PurePosixPath
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -95,10 +96,23 @@ def dockerfile_volumes() -> set[str]:
     return {path for arguments in instructions("VOLUME") for path in json.loads(arguments)}
 
 
-def compose_service() -> dict[str, Any]:
-    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
-    assert list(compose["services"]) == ["llamacord"]
-    return compose["services"]["llamacord"]
+# Each compose file and its services, in order; both run the bot as the service `llamacord`.
+COMPOSE_FILES = {"docker-compose.yml": ["llamacord"], "docker-compose.postgres.yml": ["postgres", "llamacord"]}
+
+
+def compose_file(name: str = "docker-compose.yml") -> dict[str, Any]:
+    compose = yaml.safe_load((DEPLOY / name).read_text())
+    assert list(compose["services"]) == COMPOSE_FILES[name]
+    return compose
+
+
+def compose_service(name: str = "docker-compose.yml", service: str = "llamacord") -> dict[str, Any]:
+    return compose_file(name)["services"][service]
+
+
+def interpolate(value: str, variables: dict[str, str]) -> str:
+    """Compose's `${NAME}`, `${NAME:?error}` and `${NAME:-default}`, with `variables` as the environment."""
+    return re.sub(r"\$\{(\w+)(?::?[-?][^}]*)?\}", lambda match: variables[match[1]], value)
 
 
 def compose_environment(service: dict[str, Any]) -> dict[str, str]:
@@ -206,8 +220,9 @@ def test_dockerfile_healthcheck_probes_the_health_endpoint() -> None:
 # --- docker-compose.yml ---------------------------------------------------------------------------------------------
 
 
-def test_compose_builds_this_dockerfile_with_the_repository_env() -> None:
-    service = compose_service()
+@pytest.mark.parametrize("compose", COMPOSE_FILES)
+def test_compose_builds_this_dockerfile_with_the_repository_env(compose: str) -> None:
+    service = compose_service(compose)
     context = (DEPLOY / service["build"]["context"]).resolve()
     env_files = service["env_file"] if isinstance(service["env_file"], list) else [service["env_file"]]
 
@@ -217,14 +232,15 @@ def test_compose_builds_this_dockerfile_with_the_repository_env() -> None:
     assert service["restart"] == "unless-stopped"
 
 
-def test_compose_reserves_one_gpu() -> None:
-    devices = compose_service()["deploy"]["resources"]["reservations"]["devices"]
+@pytest.mark.parametrize("compose", COMPOSE_FILES)
+def test_compose_reserves_one_gpu(compose: str) -> None:
+    devices = compose_service(compose)["deploy"]["resources"]["reservations"]["devices"]
 
     assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
 
 
 def test_compose_mounts_the_image_volumes_and_keeps_data_on_them() -> None:
-    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    compose = compose_file()
     service = compose_service()
     mounts = dict(reversed(volume.split(":")[:2]) for volume in service["volumes"])
     environment = compose_environment(service)
@@ -236,8 +252,9 @@ def test_compose_mounts_the_image_volumes_and_keeps_data_on_them() -> None:
         assert environment[name] == dockerfile_env()[name]
 
 
-def test_compose_publishes_the_metrics_port_on_host_loopback_only() -> None:
-    service = compose_service()
+@pytest.mark.parametrize("compose", COMPOSE_FILES)
+def test_compose_publishes_the_metrics_port_on_host_loopback_only(compose: str) -> None:
+    service = compose_service(compose)
     environment = compose_environment(service)
     [published] = service["ports"]
     host_ip, host_port, container_port = published.split(":")
@@ -248,11 +265,39 @@ def test_compose_publishes_the_metrics_port_on_host_loopback_only() -> None:
     assert Settings(_env_file=None, metrics_port=int(host_port)).metrics_port == int(host_port)
 
 
-@pytest.mark.parametrize("source", ["Dockerfile", "docker-compose.yml"])
+@pytest.mark.parametrize("source", ["Dockerfile", *COMPOSE_FILES])
 def test_environment_names_are_real_settings(source: str) -> None:
-    names = set(dockerfile_env() if source == "Dockerfile" else compose_environment(compose_service()))
+    names = set(dockerfile_env() if source == "Dockerfile" else compose_environment(compose_service(source)))
 
     assert names - OTHER_ENV <= SETTINGS_ENV, f"unknown setting in {source}: {names - OTHER_ENV - SETTINGS_ENV}"
+
+
+def test_compose_with_postgres_points_the_bot_at_its_database() -> None:
+    compose = compose_file("docker-compose.postgres.yml")
+    postgres, bot = compose["services"]["postgres"], compose["services"]["llamacord"]
+    server = compose_environment(postgres)
+    variables = {"POSTGRES_PASSWORD": "Pa55word"}
+    url = interpolate(compose_environment(bot)["DATABASE_URL"], variables)
+    settings = Settings(_env_file=None, database_url=url)
+    parts = urlsplit(str(settings.database))
+
+    assert postgres["image"].split(":")[1].split(".")[0] == "15"  # the major version CI tests against
+    assert (parts.scheme, parts.hostname, parts.port) == ("postgresql", "postgres", 5432)  # the service, by name
+    assert parts.username == server["POSTGRES_USER"] and parts.path == f"/{server['POSTGRES_DB']}"
+    assert parts.password == interpolate(server["POSTGRES_PASSWORD"], variables)  # one password, from .env
+    assert "DATABASE_PATH" not in compose_environment(bot)
+
+
+def test_compose_with_postgres_starts_the_bot_once_the_database_answers_and_keeps_its_data() -> None:
+    compose = compose_file("docker-compose.postgres.yml")
+    postgres, bot = compose["services"]["postgres"], compose["services"]["llamacord"]
+    mounts = dict(reversed(volume.split(":")[:2]) for volume in postgres["volumes"])
+
+    assert bot["depends_on"] == {"postgres": {"condition": "service_healthy"}}
+    assert "pg_isready" in " ".join(postgres["healthcheck"]["test"])
+    assert mounts["/var/lib/postgresql/data"] in compose["volumes"]  # a named volume, declared
+    assert "ports" not in postgres, "the database is reachable from the compose network only"
+    assert postgres["restart"] == "unless-stopped"
 
 
 # --- systemd --------------------------------------------------------------------------------------------------------
@@ -293,5 +338,5 @@ def test_deploy_guide_commands_name_files_that_exist() -> None:
     guide = (DEPLOY / "README.md").read_text()
     paths = [path for block in bash_blocks(guide) for path in re.findall(r"(?:-f|cp) (deploy/\S+)", block)]
 
-    assert {"deploy/Dockerfile", "deploy/docker-compose.yml"} <= set(paths)
+    assert {"deploy/Dockerfile", *(f"deploy/{name}" for name in COMPOSE_FILES)} <= set(paths)
     assert all((ROOT / path).is_file() for path in paths)
