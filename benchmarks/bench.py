@@ -254,12 +254,14 @@ def build_engine(loaded: LoadedModel, settings: Settings, max_concurrency: int, 
     from bot.engine.templating import PromptBuilder
 
     context_length = loaded.model.config.max_position_embeddings
+    longest = max_prompt_tokens + settings.max_new_tokens
     return AsyncEngine(
         loaded.model,
         loaded.tokenizer,
         max_batch_size=max_concurrency,
         max_queued_requests=0,
-        cache_tokens=max_concurrency * (max_prompt_tokens + settings.max_new_tokens),
+        max_sequence_tokens=longest,
+        cache_tokens=max_concurrency * longest,
         prompt_builder=PromptBuilder(
             loaded.tokenizer, max_prompt_tokens=max_prompt_tokens, context_length=context_length
         ),
@@ -433,12 +435,16 @@ def bench_command(settings: Settings, args: argparse.Namespace, argv: Sequence[s
             )
             settings = settings.model_copy(update={"model": str(directory)})
         report = asyncio.run(_bench(settings, args, command))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    table = markdown_table(report)
-    (args.out / "bench.md").write_text(table, encoding="utf-8")
+    write_report(args.out, "bench", report, markdown_table(report))
+
+
+def write_report(out: Path, stem: str, report: dict[str, Any], table: str) -> None:
+    """`<stem>.json` (every figure) and `<stem>.md` (the table for docs/benchmarks.md) in `out`; print the table."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    (out / f"{stem}.md").write_text(table, encoding="utf-8")
     print(table)
-    print(f"wrote {args.out / 'bench.json'} and {args.out / 'bench.md'}")
+    print(f"wrote {out / (stem + '.json')} and {out / (stem + '.md')}")
 
 
 def concurrency_list(text: str) -> list[int]:

@@ -159,10 +159,14 @@ def save_random_llama(
     dtype: torch.dtype = torch.float32,
     special_tokens: Sequence[str] | None = None,
     specials_first: bool = False,
+    context_length: int | None = None,
 ) -> Path:
-    """Build the model on `device` in `dtype` (fast random init) and save model and tokenizer to `directory`."""
+    """Build the model on `device` in `dtype` (fast random init) and save model and tokenizer to `directory`.
+    `context_length` replaces the configuration's `max_position_embeddings`."""
     vocab_size = VOCAB_SIZES[name]
     config = model_config(name, vocab_size)
+    if context_length is not None:
+        config.max_position_embeddings = context_length
     tokenizer = build_tokenizer(
         corpus,
         vocab_size,

@@ -105,6 +105,7 @@ def reply_fields(channel_id: int, request: RequestMetrics, outcome: str) -> dict
         "finish_reason": request.finish_reason,
         "queue_wait_s": _seconds(request.queue_wait_s),
         "prompt_tokens": request.prompt_tokens,
+        "cached_prompt_tokens": request.cached_prompt_tokens,
         "generated_tokens": request.generated_tokens,
         "ttft_s": _seconds(request.ttft_s),
         "total_s": _seconds(request.total_s),

@@ -9,13 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal, get_args
 
-from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
+from pydantic import ByteSize, Field, SecretStr, TypeAdapter, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from storage import is_postgres_url
 from storage.models import MAX_NEW_TOKENS_RANGE, TEMPERATURE_RANGE, TOP_P_RANGE
 
 DEFAULT_MODEL = "meta-llama/Llama-3.2-1B-Instruct"
+_BYTE_SIZE = TypeAdapter(ByteSize)
 DEFAULT_SYSTEM_PROMPT = (
     "You are Llamacord, a helpful assistant chatting on Discord. Each user message begins with the "
     "speaker's name and a colon. Reply directly, without a name in front. Be concise; Discord markdown works."
@@ -75,6 +76,9 @@ class Settings(BaseSettings):
     # Executor
     max_batch_size: int = Field(default=32, ge=1, le=1024)
     max_queued_requests: int = Field(default=64, ge=0)
+    # The local engine's KV cache: "auto" (CUDA: most of the memory left after the weights; CPU: a modest share of
+    # the available memory) or a size such as 2GiB or 512MiB.
+    kv_cache_memory: Literal["auto"] | ByteSize = "auto"
 
     # Operations
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
@@ -171,6 +175,21 @@ class Settings(BaseSettings):
     def database(self) -> str | Path:
         """The store to open: DATABASE_URL when it is set, else DATABASE_PATH."""
         return self.database_path if self.database_url is None else self.database_url.get_secret_value().strip()
+
+    @field_validator("kv_cache_memory", mode="before")
+    @classmethod
+    def _parse_kv_cache_memory(cls, value: object) -> object:
+        # One message for every bad value, rather than pydantic's one per member of the union.
+        text = str(value).strip()
+        if text.lower() == "auto":
+            return "auto"
+        try:
+            size = _BYTE_SIZE.validate_python(text)
+        except ValidationError:
+            size = 0
+        if size <= 0:
+            raise ValueError("must be auto or a size such as 2GiB, 512MiB or 1500MB")
+        return size
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -12,15 +12,19 @@ from collections.abc import Sequence
 from storage.models import Role, StoredMessage
 
 
+def spoken(history: Sequence[StoredMessage]) -> list[StoredMessage]:
+    """The messages of `history` that carry text for the model, in order: those `build_chat` renders."""
+    return [message for message in history if message.content.strip()]
+
+
 def build_chat(system_prompt: str, history: Sequence[StoredMessage]) -> list[dict[str, str]]:
-    """The system prompt (if not blank), then `history` in order, as `{"role", "content"}` dicts."""
+    """The system prompt (if not blank), then the `spoken` messages of `history` in order, as `{"role", "content"}`
+    dicts."""
     chat: list[dict[str, str]] = []
     if system_prompt.strip():
         chat.append({"role": Role.SYSTEM.value, "content": system_prompt.strip()})
-    for message in history:
+    for message in spoken(history):
         content = message.content.strip()
-        if not content:
-            continue
         role = Role(message.role)
         if role is Role.USER:
             content = _with_speaker(message.author_name, content)

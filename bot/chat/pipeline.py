@@ -3,8 +3,12 @@
 Every front end (the Discord adapter, the terminal) answers a message through `TurnPipeline.answer`, so the rules of
 a turn are written once:
 
-- the prompt is the channel's system prompt and stored history plus the new message, rendered with the channel's
-  sampling settings;
+- the prompt is the channel's system prompt and the stored history of its window plus the new message, rendered
+  with the channel's sampling settings;
+- the window stays put: when the history no longer fits (the token budget, or HISTORY_LIMIT messages), its start
+  moves forward in one large step (to half the budget, or half the messages) and is kept in the store, so the next
+  turns' prompts begin with the same tokens and reuse the engine's cached prefix (and a restart gives the same
+  prompt);
 - the new message is stored only once the engine has accepted the request, so a busy engine or a prompt that cannot
   be built leaves no unanswered turn in the history, and a retry is stored once;
 - the reply streams to the front end's `ReplyView`; a stopped reply ends with a note, and so does one whose message
@@ -27,7 +31,7 @@ from datetime import UTC, datetime
 from typing import Protocol
 
 from bot.chat.config import ChannelConfig
-from bot.chat.conversation import build_chat
+from bot.chat.conversation import build_chat, spoken
 from bot.engine.api import Engine, RequestMetrics, TextStream
 from bot.engine.errors import EngineBusyError
 from bot.logs import log_reply
@@ -134,10 +138,22 @@ class TurnPipeline:
                 log_reply(turn.channel_id, request, outcome)
         return ReplyResult(outcome, request)
 
+    async def _window(self, channel_id: int) -> tuple[list[StoredMessage], bool]:
+        """The history of the channel's window, and whether its start must move: past HISTORY_LIMIT messages (with
+        the new one), the window keeps the newest half, from a user turn."""
+        limit = self.settings.history_limit
+        history = await self.store.load_history(channel_id, limit)
+        if len(history) < limit:
+            return history, False
+        newest = history[len(history) - limit // 2 :]
+        first_question = next((i for i, message in enumerate(newest) if message.role is Role.USER), len(newest))
+        return newest[first_question:], True
+
     async def _answer(self, turn: UserTurn, reply: Reply, view: ReplyView, assistant: Speaker) -> None:
         store, channel_id = self.store, turn.channel_id
         config = await self.config(channel_id)
-        history = await store.load_history(channel_id, self.settings.history_limit - 1)
+        history, moved = await self._window(channel_id)
+        history = spoken(history)
         question = StoredMessage(
             id=0,  # not stored yet
             channel_id=channel_id,
@@ -154,7 +170,7 @@ class TurnPipeline:
                 chat = build_chat(config.system_prompt, [*history, question])
                 prompt = await self.engine.prepare(chat, config.max_new_tokens)
                 stream = reply.stream = self.engine.generate(prompt, config.sampling)  # busy: raises at once
-                await store.append_message(
+                stored = await store.append_message(
                     channel_id,
                     Role.USER,
                     question.content,
@@ -162,6 +178,9 @@ class TurnPipeline:
                     author_name=question.author_name,
                     message_id=question.message_id,
                 )
+                kept = history[prompt.dropped_messages :]
+                if moved or prompt.dropped_messages:
+                    await store.set_window_start(channel_id, kept[0].id if kept else stored.id)
                 deltas = aiter(stream)
                 first = await anext(deltas, None)
             if first is not None:

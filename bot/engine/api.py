@@ -38,6 +38,7 @@ class RequestMetrics:
     queue_wait_s: float | None = None  # until the scheduler (or the server) took the request
     ttft_s: float | None = None  # until the first token reached the event loop
     prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0  # of prompt_tokens, served from the engine's prefix cache (not computed)
     generated_tokens: int = 0
     total_s: float | None = None
     finish_reason: FinishReason | None = None

@@ -336,6 +336,9 @@ def _read_chunk(stream: RemoteRequestStream, chunk: ChatCompletionChunk) -> Fini
     if chunk.usage is not None:
         stream.metrics.prompt_tokens = chunk.usage.prompt_tokens
         stream.metrics.generated_tokens = chunk.usage.completion_tokens
+        details = chunk.usage.prompt_tokens_details  # vLLM (--enable-prompt-tokens-details) and others report this
+        if details is not None and details.cached_tokens:
+            stream.metrics.cached_prompt_tokens = details.cached_tokens
     return reason
 
 

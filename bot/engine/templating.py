@@ -10,10 +10,13 @@ special tokens through.
 Contents are stripped before rendering (Llama 3's template trims them; the markers would stop `trim` from seeing
 the whitespace, and leading or trailing whitespace carries no meaning in a chat).
 
-Budget: the prompt holds at most `max_prompt_tokens` and leaves `max_new_tokens` free in the context window. The
-oldest turns go first, cut only before a user turn so the history still starts with a question; the system prompt
-and the newest message always stay. Each content is tokenized once and the cut is binary-searched, so a long
-history costs O(n log n) template rendering, not O(n²).
+Budget: the prompt holds at most `max_prompt_tokens` and leaves `max_new_tokens` free in the context window. When a
+conversation no longer fits, the oldest turns go in one large step, down to `WINDOW_KEEP` of the budget, cut only
+before a user turn so the history still starts with a question; the system prompt and the newest message always
+stay. Dropping just enough to fit would change the prompt's first tokens on every later turn and no cached prefix
+would ever be reused; after a large step the prompt starts on the same message for many turns (the turn pipeline
+keeps that start in the store). Each content is tokenized once and the cut is binary-searched, so a long history
+costs O(n log n) template rendering, not O(n²).
 """
 
 from __future__ import annotations
@@ -35,6 +38,10 @@ TRUNCATION_MARKER = "\n[… cut …]\n"
 
 EXAMPLE_TEMPLATE = Path(__file__).parent / "templates" / "plain.jinja"
 
+# The share of the prompt budget a conversation that overflows it is cut down to. The rest is room for the turns to
+# come, each of which then reuses the cached prefix; see docs/engine.md ("Context windows") for the figures.
+WINDOW_KEEP = 0.5
+
 
 def read_chat_template(path: Path) -> str:
     """The Jinja source of a CHAT_TEMPLATE_PATH file."""
@@ -53,10 +60,14 @@ class PromptBuilder:
         max_prompt_tokens: int,
         context_length: int,
         chat_template: str | None = None,
+        window_keep: float = WINDOW_KEEP,
     ) -> None:
+        """`window_keep`: the share of the budget an overflowing conversation is cut down to (1.0 cuts just enough
+        to fit, which moves the prompt's start on every later turn: the benchmark's "before")."""
         self._tokenizer = tokenizer
         self.max_prompt_tokens = max_prompt_tokens
         self.context_length = context_length
+        self.window_keep = window_keep
         self.chat_template: str = chat_template or tokenizer.chat_template or ""
         if not self.chat_template:
             raise ModelLoadError(
@@ -98,10 +109,11 @@ class PromptBuilder:
         best = token_ids(cuts[high]) if high else everything
         if len(best) > budget:
             return self._truncate_newest(chat, kept(cuts[high]), contents, best, budget, cuts[high] - first)
-        while low < high:  # the smallest cut that fits: dropping more turns never adds tokens
+        target = int(budget * self.window_keep)
+        while low < high:  # the smallest cut down to the target: dropping more turns never adds tokens
             middle = (low + high) // 2
             ids = token_ids(cuts[middle])
-            if len(ids) <= budget:
+            if len(ids) <= target:
                 high, best = middle, ids
             else:
                 low = middle + 1

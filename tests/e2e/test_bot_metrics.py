@@ -126,6 +126,16 @@ async def test_metrics_and_health_follow_an_end_to_end_reply(
                     return after if value(after, "llamacord_replies_total", outcome="completed") == 1 else None
 
                 after = await endpoint.until(moved, "the reply to be counted")
+                follow_up = await fake.send_message(fake.alice, "and another thing", mention_bot=True)
+                await fake.wait_until(
+                    lambda: reply_done(fake, int(follow_up["id"])), timeout_s=TIMEOUT_S, what="a second reply"
+                )
+
+                async def counted_twice() -> dict[tuple[str, frozenset[tuple[str, str]]], float] | None:
+                    second = await endpoint.scrape()
+                    return second if value(second, "llamacord_replies_total", outcome="completed") == 2 else None
+
+                second = await endpoint.until(counted_twice, "the second reply to be counted")
             finally:
                 task.cancel()
                 with pytest.raises(asyncio.CancelledError):
@@ -139,8 +149,17 @@ async def test_metrics_and_health_follow_an_end_to_end_reply(
     assert value(after, "llamacord_reply_duration_seconds_count") == 1
     assert all(value(after, "llamacord_errors_total", kind=kind) == 0 for kind in ErrorKind)
 
+    # The second turn's prompt begins as the first one did: its cached pages are reused, and counted.
+    assert value(after, "llamacord_prompt_tokens_cached_total") == 0
+    cached = value(second, "llamacord_prompt_tokens_cached_total")
+    assert cached is not None and cached > 0
+    assert cached + value(second, "llamacord_prompt_tokens_computed_total") == value(
+        second, "llamacord_prompt_tokens_total"
+    )
+
     lines = [record for record in caplog.records if record.name == REPLY_LOGGER]
-    assert len(lines) == 1, "one structured line per reply"
+    assert len(lines) == 2, "one structured line per reply"
+    assert (lines[0].cached_prompt_tokens, lines[1].cached_prompt_tokens) == (0, cached)
     line = lines[0]
     assert (line.getMessage(), line.levelno, line.channel, line.outcome) == (
         "reply",

@@ -90,7 +90,9 @@ async def converse(fake: FakeDiscord, channel_id: int, text: str) -> tuple[dict[
 
 
 async def stored_turns(database_url: str, channel_id: int) -> list[StoredMessage]:
+    """Every stored turn of the channel, the ones its prompt window has moved past included."""
     async with open_store(database_url) as store:
+        await store.set_window_start(channel_id, 0)
         return await store.load_history(channel_id, 1000)
 
 

@@ -1,17 +1,20 @@
-"""End to end with a real instruction-tuned model (SmolLM2-135M-Instruct, MODEL=smollm2): the bot remembers what
-a user told it in an earlier message of the channel, and forgets it after /reset."""
+"""End to end with a real instruction-tuned model (SmolLM2-135M-Instruct, MODEL=smollm2): the bot starts with every
+default setting, remembers what a user told it in an earlier message of the channel, and forgets it after /reset."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
+from bot.app import serve
 from bot.engine.local.executor import AsyncEngine
 from bot.settings import Settings
-from tests.support.bot_harness import RecordingEngine, bot_settings, running_bot, wait_for_reply
-from tests.support.fake_discord import FakeDiscord
+from storage import Role, open_store
+from tests.support.bot_harness import RecordingEngine, bot_settings, reply_done, running_bot, wait_for_reply
+from tests.support.fake_discord import BOT_TOKEN, FakeDiscord
 
 pytestmark = [pytest.mark.smollm2, pytest.mark.asyncio(loop_scope="session")]
 
@@ -59,3 +62,35 @@ async def test_remembers_a_fact_from_an_earlier_message_until_reset(
             assert "zorblax" not in answer.content.lower(), f"the fact survived /reset: {answer.content!r}"
             # Not luck: the prompt after the reset no longer carries the fact.
             assert not any("Zorblax" in message["content"] for message in engine.prepared[-1])
+
+
+async def test_the_bot_starts_with_every_default_on_smollm2_and_answers(
+    smollm2_cache_dir: Path, tmp_path: Path
+) -> None:
+    """What a new user meets first: `MODEL=smollm2 llamacord run` with nothing else set but the way to Discord
+    (the default MAX_BATCH_SIZE, MAX_PROMPT_TOKENS, MAX_NEW_TOKENS and KV_CACHE_MEMORY included)."""
+    database = tmp_path / "llamacord.sqlite3"
+    async with FakeDiscord() as fake:
+        settings = Settings(
+            _env_file=None,  # type: ignore[call-arg]
+            model="smollm2",
+            discord_token=BOT_TOKEN,
+            discord_api_base_url=fake.api_base_url,
+            discord_gateway_url=fake.gateway_url,
+            database_path=database,
+        )
+        assert settings.model_cache_dir == smollm2_cache_dir  # the default, where the converted model waits
+        task = asyncio.create_task(serve(settings))
+        try:
+            await fake.wait_for_ready(timeout_s=120)
+            sent = await fake.send_message(fake.alice, "Say hello in one short sentence.", mention_bot=True)
+            await fake.wait_until(lambda: reply_done(fake, int(sent["id"])), timeout_s=180, what="the reply")
+        finally:
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(task, 60)
+    reply = reply_done(fake, int(sent["id"]))
+    assert reply and reply[0]["content"].strip() and "Sorry" not in reply[0]["content"]
+    async with open_store(database) as store:
+        history = await store.load_history(fake.general_id, 10)
+    assert [m.role for m in history] == [Role.USER, Role.ASSISTANT]

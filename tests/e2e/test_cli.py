@@ -204,6 +204,8 @@ def test_info_prints_the_model_info(
     parameters = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_model_dir).parameters())
     assert f"({parameters:,})" in text
     assert "architecture:   LlamaForCausalLM" in text
+    # The cache `llamacord chat` uses (a batch of one): at most four full batches of the longest requests.
+    assert "kv cache:       8,192 tokens in 512 pages of 16 (0.00 GiB): 4 conversations of 2,048 tokens" in text
 
 
 def test_a_model_that_cannot_load_exits_with_the_reason(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from bot.app import discord_bot
 from bot.client import LlamacordBot
@@ -25,21 +24,14 @@ from bot.metrics import Metrics
 from bot.settings import Settings
 from storage import Store, StoredMessage, open_store
 from tests.support.fake_discord import BOT_TOKEN, DEFAULT_TIMEOUT, FakeDiscord, running
+from tests.support.tiny_model import load_lively_llama
 
 EDIT_INTERVAL = 0.05  # seconds; the bot's EDIT_INTERVAL_SECONDS in these tests
 
 
 def save_lively_llama(tiny_model_dir: Path, directory: Path) -> Path:
-    """The tiny Llama with its weights redrawn at std 0.5, saved as a model directory. At the initial std 0.02
-    greedy decoding repeats a newline forever, so every reply would be blank; these weights give varied,
-    reproducible text that runs for hundreds of tokens."""
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.dim() > 1:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
-    model.save_pretrained(directory)
+    """The tiny Llama with lively weights (`load_lively_llama`), saved as a model directory."""
+    load_lively_llama(tiny_model_dir).save_pretrained(directory)
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(directory)
     return directory
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from transformers import PreTrainedTokenizerFast
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
 from benchmarks.random_llama import BOS, PAD, VOCAB_SIZES, build_tokenizer, save_random_llama
 
@@ -42,3 +43,16 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
 def save_tiny_llama(directory: Path) -> Path:
     """Write the tiny model and tokenizer as a normal Hugging Face model directory."""
     return save_random_llama("test", directory, CORPUS * 4, special_tokens=SPECIAL_TOKENS, specials_first=True)
+
+
+def load_lively_llama(tiny_model_dir: Path) -> PreTrainedModel:
+    """The tiny Llama with its weights redrawn at std 0.5. At the initial std 0.02 greedy decoding repeats a newline
+    forever, so every reply would be blank (and an output routed to the wrong request, or one token off, would go
+    unnoticed); these weights give varied, reproducible text that runs for hundreds of tokens."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() > 1:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+    return model.eval()

@@ -2,29 +2,35 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import pytest
 
+from bot.engine.api import FinishReason, RequestMetrics
 from bot.logs import REPLY_LOGGER, LogfmtFormatter, configure_logging, log_reply, tokens_per_second
 from bot.settings import Settings
 
 PAIR = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|[^\s"]*)(?:\s|$)')
 
 
-@dataclass
-class FakeRequest:
-    queue_wait_s: float | None = 0.0123456
-    ttft_s: float | None = 0.5
-    prompt_tokens: int = 412
-    generated_tokens: int = 11
-    total_s: float | None = 2.5
-    finish_reason: str | None = "stop"
+REQUEST = RequestMetrics(
+    queue_wait_s=0.0123456,
+    ttft_s=0.5,
+    prompt_tokens=412,
+    cached_prompt_tokens=384,
+    generated_tokens=11,
+    total_s=2.5,
+    finish_reason=FinishReason.STOP,
+)
+
+
+def request(**changes: object) -> RequestMetrics:
+    return dataclasses.replace(REQUEST, **changes)  # type: ignore[arg-type]
 
 
 def parse_line(line: str) -> dict[str, str]:
@@ -60,7 +66,7 @@ def lines(stream: io.StringIO) -> list[dict[str, str]]:
 
 
 def test_reply_line_has_the_fields_and_no_others(captured: io.StringIO) -> None:
-    log_reply(123456789012345678, FakeRequest(), "completed")
+    log_reply(123456789012345678, request(), "completed")
 
     [line] = lines(captured)
     assert line.pop("time")
@@ -73,6 +79,7 @@ def test_reply_line_has_the_fields_and_no_others(captured: io.StringIO) -> None:
         "finish_reason": "stop",
         "queue_wait_s": "0.012",
         "prompt_tokens": "412",
+        "cached_prompt_tokens": "384",
         "generated_tokens": "11",
         "ttft_s": "0.5",
         "total_s": "2.5",
@@ -81,7 +88,7 @@ def test_reply_line_has_the_fields_and_no_others(captured: io.StringIO) -> None:
 
 
 def test_reply_line_without_tokens_keeps_every_key(captured: io.StringIO) -> None:
-    log_reply(1, FakeRequest(ttft_s=None, generated_tokens=0, finish_reason=None), "cancelled")
+    log_reply(1, request(ttft_s=None, generated_tokens=0, finish_reason=None), "cancelled")
 
     [line] = lines(captured)
     assert line["ttft_s"] == ""
@@ -93,14 +100,14 @@ def test_reply_line_without_tokens_keeps_every_key(captured: io.StringIO) -> Non
 @pytest.mark.parametrize(
     ("request_metrics", "expected"),
     [
-        (FakeRequest(ttft_s=0.5, total_s=2.5, generated_tokens=11), 5.0),
-        (FakeRequest(ttft_s=0.1, total_s=0.6, generated_tokens=2), 2.0),
-        (FakeRequest(generated_tokens=1), None),  # one token: no interval to measure
-        (FakeRequest(ttft_s=None), None),
-        (FakeRequest(ttft_s=1.0, total_s=1.0), None),  # all tokens in one step
+        (request(ttft_s=0.5, total_s=2.5, generated_tokens=11), 5.0),
+        (request(ttft_s=0.1, total_s=0.6, generated_tokens=2), 2.0),
+        (request(generated_tokens=1), None),  # one token: no interval to measure
+        (request(ttft_s=None), None),
+        (request(ttft_s=1.0, total_s=1.0), None),  # all tokens in one step
     ],
 )
-def test_tokens_per_second_is_decode_speed(request_metrics: FakeRequest, expected: float | None) -> None:
+def test_tokens_per_second_is_decode_speed(request_metrics: RequestMetrics, expected: float | None) -> None:
     assert tokens_per_second(request_metrics) == expected
 
 

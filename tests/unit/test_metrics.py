@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -12,28 +12,30 @@ import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
+from bot.engine.api import EngineStats, FinishReason, RequestMetrics
 from bot.metrics import HEALTH_PATH, METRICS_PATH, ErrorKind, Metrics, MetricsServer, ReplyOutcome
 from bot.settings import Settings
 
 TIMEOUT = aiohttp.ClientTimeout(total=5)
 
 
-@dataclass
-class FakeStats:
-    waiting: int = 0
-    running: int = 0
-    max_batch_size: int = 32
-    max_queued_requests: int = 64
+REQUEST = RequestMetrics(
+    queue_wait_s=0.02,
+    ttft_s=0.3,
+    prompt_tokens=100,
+    cached_prompt_tokens=64,
+    generated_tokens=20,
+    total_s=1.5,
+    finish_reason=FinishReason.STOP,
+)
 
 
-@dataclass
-class FakeRequest:
-    queue_wait_s: float | None = 0.02
-    ttft_s: float | None = 0.3
-    prompt_tokens: int = 100
-    generated_tokens: int = 20
-    total_s: float | None = 1.5
-    finish_reason: str | None = "stop"
+def request(**changes: object) -> RequestMetrics:
+    return dataclasses.replace(REQUEST, **changes)  # type: ignore[arg-type]
+
+
+def stats(**values: int) -> EngineStats:
+    return EngineStats(**({"waiting": 0, "running": 0, "max_batch_size": 32, "max_queued_requests": 64} | values))
 
 
 def sample(metrics: Metrics, name: str, **labels: str) -> float | None:
@@ -42,11 +44,15 @@ def sample(metrics: Metrics, name: str, **labels: str) -> float | None:
 
 def test_completed_reply_moves_tokens_and_latency() -> None:
     metrics = Metrics()
-    metrics.observe_reply(ReplyOutcome.COMPLETED, FakeRequest())
-    metrics.observe_reply("completed", FakeRequest(prompt_tokens=50, generated_tokens=5, ttft_s=0.1, total_s=0.4))
+    metrics.observe_reply(ReplyOutcome.COMPLETED, request())
+    metrics.observe_reply(
+        "completed", request(prompt_tokens=50, cached_prompt_tokens=0, generated_tokens=5, ttft_s=0.1, total_s=0.4)
+    )
 
     assert sample(metrics, "llamacord_replies_total", outcome="completed") == 2
     assert sample(metrics, "llamacord_prompt_tokens_total") == 150
+    assert sample(metrics, "llamacord_prompt_tokens_cached_total") == 64
+    assert sample(metrics, "llamacord_prompt_tokens_computed_total") == 36 + 50
     assert sample(metrics, "llamacord_generated_tokens_total") == 25
     assert sample(metrics, "llamacord_time_to_first_token_seconds_count") == 2
     assert sample(metrics, "llamacord_time_to_first_token_seconds_sum") == pytest.approx(0.4)
@@ -58,7 +64,7 @@ def test_completed_reply_moves_tokens_and_latency() -> None:
 
 def test_cancelled_reply_counts_tokens_but_not_latency() -> None:
     metrics = Metrics()
-    metrics.observe_reply(ReplyOutcome.CANCELLED, FakeRequest(ttft_s=None, generated_tokens=0, total_s=0.05))
+    metrics.observe_reply(ReplyOutcome.CANCELLED, request(ttft_s=None, generated_tokens=0, total_s=0.05))
 
     assert sample(metrics, "llamacord_replies_total", outcome="cancelled") == 1
     assert sample(metrics, "llamacord_replies_total", outcome="completed") == 0
@@ -109,14 +115,14 @@ def test_engine_gauges_are_read_at_scrape_time() -> None:
     metrics = Metrics()
     assert sample(metrics, "llamacord_requests_waiting") is None  # no engine yet: no gauge rather than a false 0
 
-    stats = FakeStats(waiting=3, running=2)
-    metrics.watch_engine(lambda: stats)
+    current = stats(waiting=3, running=2)
+    metrics.watch_engine(lambda: current)
     assert sample(metrics, "llamacord_requests_waiting") == 3
     assert sample(metrics, "llamacord_requests_running") == 2
     assert sample(metrics, "llamacord_max_batch_size") == 32
     assert sample(metrics, "llamacord_max_queued_requests") == 64
 
-    stats.waiting, stats.running = 0, 7
+    current = stats(waiting=0, running=7)
     assert sample(metrics, "llamacord_requests_waiting") == 0
     assert sample(metrics, "llamacord_requests_running") == 7
 
@@ -124,7 +130,7 @@ def test_engine_gauges_are_read_at_scrape_time() -> None:
 def test_a_failing_engine_does_not_fail_the_scrape() -> None:
     metrics = Metrics()
 
-    def broken() -> FakeStats:
+    def broken() -> EngineStats:
         raise RuntimeError("engine shut down")
 
     metrics.watch_engine(broken)
@@ -164,12 +170,12 @@ async def get_json(server: MetricsServer, path: str) -> tuple[int, Any]:
 
 async def test_scrape_shows_counters_moving_and_engine_gauges() -> None:
     metrics = Metrics()
-    stats = FakeStats(waiting=4, running=1)
-    metrics.watch_engine(lambda: stats)
+    current = stats(waiting=4, running=1)
+    metrics.watch_engine(lambda: current)
     async with asyncio.timeout(10), health_server(metrics) as server:
         status, content_type, before = await get(server, METRICS_PATH)
-        metrics.observe_reply(ReplyOutcome.COMPLETED, FakeRequest(generated_tokens=42))
-        stats.waiting = 0
+        metrics.observe_reply(ReplyOutcome.COMPLETED, request(generated_tokens=42))
+        current = stats(waiting=0, running=1)
         _, _, after = await get(server, METRICS_PATH)
 
     assert status == 200

@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import dataclasses
 import inspect
+import itertools
 import logging
 import math
 import os
@@ -36,7 +37,11 @@ from time import perf_counter
 from typing import Any
 
 import torch
-from transformers import ContinuousBatchingConfig, GenerationConfig, PreTrainedModel
+import transformers.integrations.sdpa_attention
+from transformers import AttentionInterface, ContinuousBatchingConfig, GenerationConfig, PreTrainedModel
+from transformers.generation.continuous_batching.cache import PagedAttentionCache
+from transformers.generation.continuous_batching.cache_allocators.cache_allocator import BlockLedger
+from transformers.generation.continuous_batching.cache_allocators.cache_pool import CachePool
 from transformers.generation.continuous_batching.cb_logits_processors import (
     ContinuousBatchingTemperatureLogitsWarper,
     ContinuousBatchingTopPLogitsWarper,
@@ -50,7 +55,11 @@ from transformers.generation.continuous_batching.model_runner import ModelRunner
 from transformers.generation.continuous_batching.requests import GenerationOutput, RequestStatus
 from transformers.generation.continuous_batching.utils import WorkloadHints
 from transformers.generation.logits_process import TemperatureLogitsWarper
+from transformers.masking_utils import AttentionMaskInterface
 
+from bot.engine.local.attention import SDPA, AttentionChoice
+from bot.engine.local.kv_cache import CUDA_MEMORY_SHARE, page_size_for
+from bot.engine.local.varlen_sdpa import CB_VARLEN_SDPA, register_varlen_sdpa
 from bot.engine.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -61,6 +70,10 @@ PINNED = "transformers==5.24.0"
 # top_p 1). These placeholders are never used: every request passes its own temperature and top_p.
 _PLACEHOLDER_TEMPERATURE = 0.5
 _PLACEHOLDER_TOP_P = 0.5
+# Under memory pressure the scheduler evicts cached prefix pages until this much more than its safety margin is free,
+# oldest released first, this many pages at a time; transformers would drop every cached page at once.
+EVICTION_SLACK = 0.05
+EVICTION_PAGES = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +85,7 @@ class TokenUpdate:
     started_at: float | None  # perf_counter() when the scheduler first took the request, None if it never did
     done: bool
     error: str | None
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache (known once the scheduler took it)
 
 
 class _GreedyAwareTemperature(ContinuousBatchingTemperatureLogitsWarper):
@@ -141,16 +155,24 @@ class ContinuousBatcher:
         *,
         eos_token_ids: Sequence[int],
         max_batch_size: int,
-        cache_tokens: int,
+        cache_blocks: int | None,
+        longest_request: int,
         max_batch_tokens: int,
+        attention: AttentionChoice,
         on_updates: Callable[[list[TokenUpdate]], None],
     ) -> None:
+        """`cache_blocks` pages of `page_size_for(device)` tokens, or None to size the cache from free GPU memory."""
         self._model = model
+        self._attention = attention
         self._eos_token_ids = list(eos_token_ids)
         self._max_batch_size = max_batch_size
-        self._cache_tokens = cache_tokens
+        self._cache_blocks = cache_blocks
+        self._longest_request = longest_request
         self._max_batch_tokens = max_batch_tokens
         self._on_updates = on_updates
+        self.page_size = page_size_for(model.device)
+        self.cache_tokens = 0  # known once started
+        self._cached_tokens: dict[str, int] = {}  # request id -> prompt tokens the prefix cache served
         self._manager: ContinuousBatchingManager | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()  # guards the restart state below against the restart thread
@@ -167,21 +189,26 @@ class ContinuousBatcher:
                 + "; ".join(problems)
             )
         self._loop = loop
-        # 256-token pages: flash attention's paged kernels need them. Each request gets whole pages for its share.
-        # A CPU has no flash attention: 16-token pages let requests share the cached blocks of the system prompt
-        # (prefix sharing only reuses whole pages), SDPA takes grouped KV heads without copying them, and an
-        # all-greedy step skips top-p's sort and the multinomial draw (host-side checks, free on a CPU only).
+        # On a CPU: each request attends to its own keys only (varlen_sdpa; the fallback SDPA takes grouped KV heads
+        # without copying them), and an all-greedy step skips top-p's sort and the multinomial draw (host-side
+        # checks, free on a CPU only).
         cpu = self._model.device.type == "cpu"
-        page_size = 16 if cpu else 256
         if cpu:
             os.environ.setdefault("TRANSFORMERS_SDPA_FORCE_GQA", "1")
-        pages_per_request = math.ceil(self._cache_tokens / self._max_batch_size / page_size)
+        varlen = self._attention.implementation == CB_VARLEN_SDPA
+        # The manager accepts only sdpa, paged|eager and flash attention: varlen SDPA is switched to after it.
+        wanted = SDPA if varlen else self._attention.implementation
+        if self._model.config._attn_implementation != wanted:
+            self._model.set_attn_implementation(wanted)
         cb_config = ContinuousBatchingConfig(
-            page_size=page_size,
-            num_blocks=self._max_batch_size * pages_per_request,
+            page_size=self.page_size,
+            num_blocks=self._cache_blocks,
+            max_memory_percent=CUDA_MEMORY_SHARE,
             max_batch_tokens=self._max_batch_tokens,
             max_requests_per_batch=self._max_batch_size,
             per_request_processors=True,
+            auto_switch_to_flash=False,  # the attention is chosen (and logged) by `choose_attention`
+            use_cuda_graph=self._attention.cuda_graphs,
         )
         generation_config = GenerationConfig(
             do_sample=True,
@@ -190,7 +217,7 @@ class ContinuousBatcher:
             eos_token_id=self._eos_token_ids,
         )
         # Sizes the decode fast path's block table; a longer request still runs, on the general (varlen) path.
-        hints = WorkloadHints(max_prompt_length=pages_per_request * page_size, num_requests=self._max_batch_size)
+        hints = WorkloadHints(max_prompt_length=self._longest_request, num_requests=self._max_batch_size)
         manager = self._model.init_continuous_batching(
             generation_config=generation_config, continuous_batching_config=cb_config, workload_hints=hints
         )
@@ -198,9 +225,18 @@ class ContinuousBatcher:
         if cpu:
             _install_skippable_top_p(manager)
         manager.output_router = _LoopRouter(loop, self._dispatch)
+        if varlen:
+            # After the manager accepted sdpa and before warmup builds the batch processor, which then allocates no
+            # cache-sized attention mask for an implementation it does not know.
+            register_varlen_sdpa()
+            self._model.set_attn_implementation(CB_VARLEN_SDPA)
         manager.warmup()  # builds the cache and batch processor now, so a bad size fails here and not in a request
         if cpu:
             _install_sample_or_argmax(manager)
+        cache = _cache_of(manager)
+        _count_cached_prompt_tokens(cache, self._cached_tokens)
+        _install_lru_eviction(cache, manager.batch_processor.scheduler.safety_margin)  # type: ignore[union-attr]
+        self.cache_tokens = cache.num_blocks * self.page_size
         manager.start()
         self._manager = manager
 
@@ -218,6 +254,7 @@ class ContinuousBatcher:
         """Abort a request. The manager frees its cache at the start of its next step and sends no final output."""
         with self._lock:
             self._backlog = [s for s in self._backlog if s.request_id != request_id]
+        self._cached_tokens.pop(request_id, None)
         self._require_manager().cancel_request(request_id)
 
     def stop(self) -> None:
@@ -256,6 +293,7 @@ class ContinuousBatcher:
 
     def _dispatch(self, outputs: list[GenerationOutput]) -> None:
         """Runs on the event loop, once per step."""
+        cached = self._cached_tokens
         updates = [
             TokenUpdate(
                 request_id=output.request_id,
@@ -263,6 +301,7 @@ class ContinuousBatcher:
                 started_at=output.lifespan[0] if output.lifespan[0] > 0 else None,
                 done=output.is_finished(),
                 error=output.error if output.status == RequestStatus.FAILED else None,
+                cached_tokens=(cached.pop if output.is_finished() else cached.get)(output.request_id, 0),
             )
             for output in outputs
         ]
@@ -332,6 +371,52 @@ def _install_sample_or_argmax(manager: ContinuousBatchingManager) -> None:
     processor.model_runner._sample = _sample_or_argmax  # type: ignore[method-assign]
 
 
+def _cache_of(manager: ContinuousBatchingManager) -> PagedAttentionCache:
+    processor = manager.batch_processor
+    cache = getattr(processor, "cache", None)
+    if not isinstance(cache, PagedAttentionCache):
+        raise RuntimeError(f"transformers' continuous batching built no paged cache after warmup ({PINNED})")
+    return cache
+
+
+def _count_cached_prompt_tokens(cache: PagedAttentionCache, counts: dict[str, int]) -> None:
+    """Record, per request, how many prompt tokens the prefix cache served. The scheduler asks the cache once per new
+    request, before scheduling it (and again with its generated tokens if it is ever recomputed: the first answer is
+    the one that counts). Runs on the generation thread, before the request's first output is delivered."""
+    search = cache.search_prefix_match
+
+    def search_prefix_match(request_id: str, prompt_ids: list[int]) -> int:
+        matched = search(request_id, prompt_ids)
+        counts.setdefault(request_id, matched)
+        return matched
+
+    cache.search_prefix_match = search_prefix_match  # type: ignore[method-assign]
+
+
+def _install_lru_eviction(cache: PagedAttentionCache, safety_margin: float) -> None:
+    """Evict cached prefix pages oldest first, only as many as bring the free share back above the scheduler's
+    safety margin. transformers evicts every cached page at once, which under a steady load would cool every
+    channel's prefix cache at the same moment, again and again. A page is cached when no request holds it any more,
+    and taken back out when one shares it again, so the ledger's order is the order pages were last released."""
+    target = safety_margin + EVICTION_SLACK
+
+    def evict_cached_blocks() -> bool:
+        evicted = False
+        for allocator in cache.cache_allocators.values():
+            ledger: BlockLedger = allocator.ledger
+            while ledger.cached_blocks and cache.compute_free_capacity() < target:
+                oldest = list(itertools.islice(ledger.cached_blocks, EVICTION_PAGES))
+                for block in oldest:
+                    del ledger.cached_blocks[block]
+                    ledger.hash_to_block.pop(ledger.block_to_hash.pop(block))
+                cache.pool.free_blocks(allocator.index, oldest)
+                cache.pool.try_to_free_sectors()
+                evicted = True
+        return evicted
+
+    cache.evict_cached_blocks = evict_cached_blocks  # type: ignore[method-assign]
+
+
 def internals_problems() -> list[str]:
     """What of transformers' continuous-batching internals this module uses is missing or changed shape ([] when
     all is as in the pinned release). The names and parameters below are exactly those the code above uses."""
@@ -381,6 +466,19 @@ def internals_problems() -> list[str]:
     parameters(ContinuousBatchingTemperatureLogitsWarper, "__call__", "scores", "tensor_arg")
     parameters(ContinuousBatchingTopPLogitsWarper, "__call__", "scores", "tensor_arg")
     parameters(ModelRunner, "_sample", "scores", "output_ids")
+    parameters(PagedAttentionCache, "search_prefix_match", "request_id", "prompt_ids")
+    parameters(PagedAttentionCache, "evict_cached_blocks")
+    parameters(PagedAttentionCache, "compute_free_capacity")
+    parameters(CachePool, "free_blocks", "index", "block_ids")
+    parameters(CachePool, "try_to_free_sectors")
+    parameters(PreTrainedModel, "set_attn_implementation", "attn_implementation")
+    parameters(AttentionInterface, "register")
+    parameters(AttentionMaskInterface, "register")
+    parameters(transformers.integrations.sdpa_attention, "sdpa_attention_forward", "module", "query", "attention_mask")
+    ledger = BlockLedger()
+    for attribute in ("cached_blocks", "hash_to_block", "block_to_hash"):
+        if not isinstance(getattr(ledger, attribute, None), dict):
+            problems.append(f"BlockLedger.{attribute} is no longer a dict")
     if not hasattr(RequestStatus, "FAILED"):
         problems.append("RequestStatus.FAILED is gone")
     if not hasattr(BackgroundThreadStatus, "HARD_STOP"):

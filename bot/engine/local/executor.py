@@ -9,19 +9,24 @@ consumer decodes a few tokens at once.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from time import perf_counter
-from typing import Protocol
+from typing import Literal, Protocol
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from bot.engine.api import EngineStats, FinishReason, Prompt, RequestTable, StreamBase
 from bot.engine.errors import SHUTTING_DOWN, EngineError, GenerationError, ModelLoadError
+from bot.engine.local.attention import AttentionChoice, choose_attention
 from bot.engine.local.cb_adapter import ContinuousBatcher, TokenUpdate
 from bot.engine.local.detokenizer import IncrementalDetokenizer
 from bot.engine.local.info import ModelInfo, collect_model_info
+from bot.engine.local.kv_cache import KVCacheInfo, blocks_for, kv_bytes_per_token, page_size_for, planned_blocks
 from bot.engine.local.loader import load_model
 from bot.engine.sampling import SamplingParams
 from bot.engine.templating import PromptBuilder, tokenize_plain
@@ -82,6 +87,8 @@ class RequestStream(StreamBase):
         """Record one step's output. Runs on the event loop, inside the per-step callback: keep it O(1)."""
         if update.started_at is not None and self.metrics.queue_wait_s is None:
             self.metrics.queue_wait_s = max(0.0, update.started_at - self._submitted_at)
+        if update.cached_tokens:
+            self.metrics.cached_prompt_tokens = update.cached_tokens
         if update.token_ids and not self._token_ids:
             self.metrics.ttft_s = now - self._submitted_at
         self._token_ids = update.token_ids
@@ -94,9 +101,24 @@ class RequestStream(StreamBase):
         self._wake()
 
 
+@dataclass(slots=True)
+class _Pending:
+    """A request the engine accepted but has not handed to the batcher: it waits for room in the cache."""
+
+    stream: RequestStream
+    prompt_ids: list[int]
+    params: SamplingParams
+    blocks: int  # cache pages reserved for it once admitted: its prompt and all its new tokens
+
+
 class AsyncEngine:
     """Owns the model for the whole process. Create it on the event loop, then `await start()` (or use
-    `from_settings`). All methods must be called from that loop."""
+    `from_settings`). All methods must be called from that loop.
+
+    Requests go to the batcher in arrival order, each once the cache has room for all of it (its prompt and
+    `max_new_tokens`), and at most `max_batch_size` at a time: when the cache is full, new requests wait here and
+    the running ones are never cut short or recomputed for lack of room.
+    """
 
     def __init__(
         self,
@@ -106,58 +128,78 @@ class AsyncEngine:
         max_batch_size: int,
         max_queued_requests: int,
         max_sequence_tokens: int | None = None,
-        cache_tokens: int | None = None,
+        cache_tokens: int | Literal["auto"] | None = None,
+        longest_request: int | None = None,
         max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+        attention: AttentionChoice | None = None,
         prompt_builder: PromptBuilder | None = None,
         info: ModelInfo | None = None,
     ) -> None:
-        """`max_sequence_tokens` caps prompt + max_new_tokens of one request (default: the model's context length);
-        `cache_tokens` sizes the paged KV cache (default: a full batch of the longest requests)."""
+        """`max_sequence_tokens` caps prompt + max_new_tokens of one request (default: the model's context length).
+        `cache_tokens` sizes the paged KV cache: a number of tokens, "auto" (CUDA: from the memory left after the
+        weights), or None for a full batch of the longest requests. `longest_request` (default: the longest
+        sequence) is the request the cache must hold at least one of; `/info` counts the cache in those. `attention`
+        defaults to the fastest the device and the installed packages allow (`choose_attention`)."""
         self._requests: RequestTable[RequestStream] = RequestTable(max_batch_size, max_queued_requests)
         context_length = _context_length(model)
         self._max_sequence_tokens = min(max_sequence_tokens or context_length, context_length)
-        cache_tokens = cache_tokens or max_batch_size * self._max_sequence_tokens
-        # A request longer than the whole cache can never be scheduled, so it is refused at submission.
-        self._max_sequence_tokens = min(self._max_sequence_tokens, cache_tokens)
+        self._longest_request = min(longest_request or self._max_sequence_tokens, self._max_sequence_tokens)
+        if cache_tokens is None:
+            cache_tokens = max_batch_size * self._max_sequence_tokens
         self._tokenizer = tokenizer
         self._eos_token_ids = frozenset(_eos_token_ids(model))
         self._prompt_builder = prompt_builder
         self._info = info
+        self._kv_bytes_per_token = kv_bytes_per_token(model)
         self._ids = itertools.count()
         self._state = "new"  # new -> running -> closed
+        self._pending: deque[_Pending] = deque()  # accepted, waiting for room in the cache
+        self._admitted: dict[str, int] = {}  # request id -> cache pages reserved, for requests given to the batcher
+        page_size = page_size_for(model.device)
+        self.attention = attention if attention is not None else choose_attention(model)
         self._batcher = ContinuousBatcher(
             model,
             eos_token_ids=sorted(self._eos_token_ids),
             max_batch_size=max_batch_size,
-            cache_tokens=cache_tokens,
+            cache_blocks=None if cache_tokens == "auto" else max(1, int(cache_tokens) // page_size),
+            longest_request=self._longest_request,
             max_batch_tokens=max_batch_tokens,
+            attention=self.attention,
             on_updates=self._on_updates,
         )
+        if cache_tokens != "auto":
+            self._check_cache_holds_a_request(int(cache_tokens) // page_size * page_size)
 
     @classmethod
     async def from_settings(cls, settings: Settings) -> AsyncEngine:
-        """Load the model named by MODEL in a worker thread and start the executor."""
+        """Load the model named by MODEL in a worker thread and start the executor with the cache KV_CACHE_MEMORY
+        sizes."""
         loaded = await asyncio.to_thread(load_model, settings)
         info = await asyncio.to_thread(collect_model_info, loaded)
         context_length = _context_length(loaded.model)
         longest_request = min(settings.max_prompt_tokens + settings.max_new_tokens, context_length)
-        cache_tokens = settings.max_batch_size * longest_request
+        blocks = planned_blocks(
+            settings.kv_cache_memory, loaded.model, worst_case_tokens=settings.max_batch_size * longest_request
+        )
+        page_size = page_size_for(loaded.model.device)
         engine = cls(
             loaded.model,
             loaded.tokenizer,
             max_batch_size=settings.max_batch_size,
             max_queued_requests=settings.max_queued_requests,
-            cache_tokens=cache_tokens,
+            cache_tokens="auto" if blocks is None else blocks * page_size,
+            longest_request=longest_request,
             # Budget within what one request may hold here, so a channel's larger max_new_tokens shortens the
             # prompt instead of failing every message.
             prompt_builder=PromptBuilder(
                 loaded.tokenizer,
                 max_prompt_tokens=settings.max_prompt_tokens,
-                context_length=min(context_length, cache_tokens),
+                context_length=min(context_length, longest_request if blocks is None else blocks * page_size),
             ),
             info=info,
         )
         await engine.start()
+        log.info("attention: %s; KV cache: %s", engine.attention.describe(), engine.kv_cache.describe())
         return engine
 
     async def start(self) -> None:
@@ -168,9 +210,28 @@ class AsyncEngine:
             await asyncio.to_thread(self._batcher.start, asyncio.get_running_loop())
         except (MemoryError, RuntimeError, ValueError) as error:  # the KV cache does not fit, or a bad size
             raise ModelLoadError(
-                f"The executor could not start: {error}. Lower MAX_BATCH_SIZE, MAX_PROMPT_TOKENS or MAX_NEW_TOKENS."
+                f"The executor could not start: {error}. Lower KV_CACHE_MEMORY, MAX_BATCH_SIZE or MAX_PROMPT_TOKENS."
             ) from error
         self._state = "running"
+        try:
+            self._check_cache_holds_a_request(self._batcher.cache_tokens)
+        except ModelLoadError:
+            await self.shutdown()
+            raise
+        # A request longer than the whole cache could never be scheduled: `generate` refuses it.
+        self._max_sequence_tokens = min(self._max_sequence_tokens, self._batcher.cache_tokens)
+        if self._prompt_builder is not None:
+            self._prompt_builder.context_length = min(self._prompt_builder.context_length, self._max_sequence_tokens)
+
+    def _check_cache_holds_a_request(self, cache_tokens: int) -> None:
+        if cache_tokens < self._longest_request:
+            raise ModelLoadError(
+                f"The KV cache holds {cache_tokens:,} tokens, less than one request of MAX_PROMPT_TOKENS + "
+                f"MAX_NEW_TOKENS ({self._longest_request:,} tokens). Raise KV_CACHE_MEMORY (at "
+                f"{self._kv_bytes_per_token:,} bytes a token, one request needs "
+                f"{self._longest_request * self._kv_bytes_per_token / 2**20:,.0f} MiB), or lower MAX_PROMPT_TOKENS or "
+                "MAX_NEW_TOKENS."
+            )
 
     async def __aenter__(self) -> AsyncEngine:
         if self._state == "new":
@@ -184,7 +245,15 @@ class AsyncEngine:
     def info(self) -> ModelInfo:
         if self._info is None:
             raise EngineError("This engine was built without model info.")
-        return self._info
+        running = self._state == "running"
+        return dataclasses.replace(
+            self._info, kv_cache=self.kv_cache if running else None, attention=self.attention.describe()
+        )
+
+    @property
+    def kv_cache(self) -> KVCacheInfo:
+        tokens = self._batcher.cache_tokens
+        return KVCacheInfo(tokens, self._batcher.page_size, tokens * self._kv_bytes_per_token, self._longest_request)
 
     @property
     def is_alive(self) -> bool:
@@ -209,28 +278,30 @@ class AsyncEngine:
         return await asyncio.to_thread(self._prompt_builder.build, list(messages), max_new_tokens)
 
     def generate(self, prompt: _HasTokenIds | Sequence[int], params: SamplingParams) -> RequestStream:
-        """Submit a request and return its stream at once. Raises `EngineBusyError` at once when the queue is full."""
+        """Accept a request and return its stream at once. Raises `EngineBusyError` at once when the queue is full."""
         if self._state != "running":
             raise EngineError("The engine is not running.")
         prompt_ids = [int(token_id) for token_id in _token_ids(prompt)]
         if not prompt_ids:
             raise ValueError("the prompt has no tokens")
-        if len(prompt_ids) + params.max_new_tokens > self._max_sequence_tokens:
+        length = len(prompt_ids) + params.max_new_tokens
+        if length > self._max_sequence_tokens:
             raise GenerationError(
                 f"The prompt ({len(prompt_ids)} tokens) plus {params.max_new_tokens} new tokens is longer than "
                 f"this engine allows ({self._max_sequence_tokens} tokens)."
             )
         self._requests.check_room()
-        request_id = f"req-{next(self._ids)}"
         stream = RequestStream(
-            request_id,
+            f"req-{next(self._ids)}",
             prompt_tokens=len(prompt_ids),
             eos_token_ids=self._eos_token_ids,
             detokenizer=IncrementalDetokenizer(self._tokenizer),
             abort=self._abort,
         )
         self._requests.admit(stream)  # before submitting, so no output of this request can be missed
-        self._batcher.submit(request_id, prompt_ids, params)
+        blocks = min(blocks_for(length, self._batcher.page_size), self._cache_blocks)
+        self._pending.append(_Pending(stream, prompt_ids, params, blocks))
+        self._admit()
         return stream
 
     async def shutdown(self, drain_timeout_s: float = 0.0) -> None:
@@ -242,14 +313,41 @@ class AsyncEngine:
         if was_running:
             await self._requests.drain(drain_timeout_s)
         # Fail what is left before stopping the thread, so the thread's own failure outputs find no stream.
+        self._pending.clear()
         self._requests.fail_all(GenerationError(SHUTTING_DOWN))
         if was_running:
             await asyncio.to_thread(self._batcher.stop)
 
+    @property
+    def _cache_blocks(self) -> int:
+        return self._batcher.cache_tokens // self._batcher.page_size
+
+    def _admit(self) -> None:
+        """Hand waiting requests to the batcher, in order, while the cache and the batch have room."""
+        reserved = sum(self._admitted.values())
+        while (
+            self._pending
+            and len(self._admitted) < self._requests.max_batch_size
+            and reserved + self._pending[0].blocks <= self._cache_blocks
+        ):
+            pending = self._pending.popleft()
+            self._admitted[pending.stream.request_id] = pending.blocks
+            reserved += pending.blocks
+            self._batcher.submit(pending.stream.request_id, pending.prompt_ids, pending.params)
+
+    def _release(self, request_id: str) -> None:
+        if self._admitted.pop(request_id, None) is not None and self._state == "running":
+            self._admit()
+
     def _abort(self, stream: StreamBase) -> None:
         stream._finish(FinishReason.CANCELLED, None)
-        if self._requests.pop(stream.request_id) is not None:
+        if self._requests.pop(stream.request_id) is None:
+            return
+        if stream.request_id in self._admitted:
             self._batcher.cancel(stream.request_id)
+            self._release(stream.request_id)
+        else:
+            self._pending = deque(p for p in self._pending if p.stream is not stream)
 
     def _on_updates(self, updates: list[TokenUpdate]) -> None:
         """One call per generation step, on the event loop."""
@@ -264,6 +362,7 @@ class AsyncEngine:
             stream._apply(update, now)
             if stream.finished:
                 self._requests.pop(update.request_id)
+                self._release(update.request_id)
                 if update.error is not None:
                     log.error("request %s failed: %s", update.request_id, update.error)
 

@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from bot.engine.local.kv_cache import KVCacheInfo
 from bot.engine.local.loader import LoadedModel
 
 PREVIEW_CHAT = [
@@ -44,6 +45,8 @@ class ModelInfo:
     chat_template: str  # the Jinja source
     chat_template_preview: str  # a short chat rendered with it: what the model really sees
     generation_config: dict[str, Any]  # the values that differ from transformers' defaults
+    kv_cache: KVCacheInfo | None = None  # once the engine has allocated it
+    attention: str | None = None  # what the engine runs (`AttentionChoice.describe`)
 
     def lines(self) -> list[str]:
         """Human-readable lines for a terminal or a Discord code block."""
@@ -65,6 +68,8 @@ class ModelInfo:
             f"chat template:  from {self.chat_template_origin}, {len(self.chat_template)} characters",
             f"  renders as:   {self.chat_template_preview!r}",
             f"generation:     {json.dumps(self.generation_config, sort_keys=True)}",
+            f"attention:      {self.attention or 'not chosen'}",
+            f"kv cache:       {self.kv_cache.describe() if self.kv_cache else 'not allocated'}",
         ]
 
 

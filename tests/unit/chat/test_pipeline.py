@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -12,6 +13,8 @@ from bot.chat.pipeline import STOPPED_NOTE, TRUNCATED_NOTE, Reply, Speaker, Turn
 from bot.engine.api import EngineStats, FinishReason, Prompt, StreamBase
 from bot.engine.errors import EngineBusyError, GenerationError, PromptError
 from bot.engine.sampling import SamplingParams
+from bot.engine.templating import WINDOW_KEEP, PromptBuilder
+from bot.engine.token_estimate import EstimatingTokenizer
 from bot.metrics import Metrics, ReplyOutcome
 from bot.settings import Settings
 from storage import Role, Store, open_store
@@ -45,21 +48,28 @@ class ScriptedStream(StreamBase):
 
 
 class ScriptedEngine:
-    """The engine API in plain Python: records each prompt's chat and each request's sampling."""
+    """The engine API in plain Python: records each chat, prompt and request's sampling. With `budget`, prompts are
+    built by the real `PromptBuilder` over the estimating tokenizer (pure Python), as a remote engine builds them."""
 
-    def __init__(self, pieces: list[str], *, truncated: bool = False) -> None:
+    def __init__(self, pieces: list[str], *, truncated: bool = False, budget: int | None = None) -> None:
         self.pieces = pieces
         self.truncated = truncated
+        self.builder = PromptBuilder(EstimatingTokenizer(), budget, 100_000) if budget is not None else None
         self.error: Exception | None = None  # raised mid-stream
         self.refuse: Exception | None = None  # raised by prepare (PromptError) or generate (EngineBusyError)
         self.chats: list[list[dict[str, str]]] = []
+        self.prompts: list[Prompt] = []
         self.params: list[SamplingParams] = []
 
     async def prepare(self, messages: Sequence[Mapping[str, str]], max_new_tokens: int) -> Prompt:
         self.chats.append([dict(message) for message in messages])
         if isinstance(self.refuse, PromptError):
             raise self.refuse
-        return Prompt([1, 2, 3], 3, 0, self.truncated, [dict(m) for m in messages])
+        if self.builder is not None:
+            self.prompts.append(self.builder.build(messages, max_new_tokens))
+        else:
+            self.prompts.append(Prompt([1, 2, 3], 3, 0, self.truncated, [dict(m) for m in messages]))
+        return self.prompts[-1]
 
     def generate(self, prompt: Prompt, params: SamplingParams) -> ScriptedStream:
         if isinstance(self.refuse, EngineBusyError):
@@ -106,9 +116,12 @@ async def store(tmp_path: Path) -> AsyncIterator[Store]:
         yield store
 
 
-def pipeline_on(store: Store, engine: ScriptedEngine, metrics: Metrics | None = None) -> TurnPipeline:
-    settings = Settings(_env_file=None, system_prompt="Be kind.", temperature=0.7, top_p=0.9, max_new_tokens=64)  # type: ignore[call-arg]
-    return TurnPipeline(store, engine, settings, metrics or Metrics())  # type: ignore[arg-type]
+def pipeline_on(
+    store: Store, engine: ScriptedEngine, metrics: Metrics | None = None, **settings: object
+) -> TurnPipeline:
+    values: dict[str, object] = {"system_prompt": "Be kind.", "temperature": 0.7, "top_p": 0.9, "max_new_tokens": 64}
+    config = Settings(_env_file=None, **(values | settings))  # type: ignore[call-arg]
+    return TurnPipeline(store, engine, config, metrics or Metrics())  # type: ignore[arg-type]
 
 
 async def answer(pipeline: TurnPipeline, text: str, **view_options: int) -> tuple[RecordingView, ReplyOutcome]:
@@ -202,3 +215,66 @@ async def test_a_message_cut_to_fit_gets_a_note_that_is_not_stored(store: Store)
     view, _ = await answer(pipeline_on(store, ScriptedEngine(["Got it."], truncated=True)), "a very long paste")
     assert view.final == "Got it." + TRUNCATED_NOTE
     assert (await store.load_history(CHANNEL, 10))[-1].content == "Got it."
+
+
+def first_of_window(engine: ScriptedEngine, turn: int) -> str:
+    """The first history message of turn `turn`'s prompt (after the system prompt)."""
+    return engine.prompts[turn].messages[1]["content"]
+
+
+async def talk(pipeline: TurnPipeline, turns: range) -> None:
+    for n in turns:
+        await answer(pipeline, f"question {n}: " + "words " * 12)
+
+
+async def test_the_window_stays_put_for_several_turns_then_moves_in_one_step(store: Store) -> None:
+    budget = 300
+    engine = ScriptedEngine(["an answer " * 6], budget=budget)
+    await talk(pipeline_on(store, engine), range(30))
+    starts = [first_of_window(engine, n) for n in range(30)]
+    moves = [n for n in range(1, 30) if starts[n] != starts[n - 1]]
+    assert len(moves) >= 2, "the history outgrew the budget more than once"
+    assert all(later - earlier >= 3 for earlier, later in itertools.pairwise(moves)), "it moves in large steps"
+    for move in moves:
+        assert engine.prompts[move].num_tokens <= budget * WINDOW_KEEP, "a move leaves a good part of the budget free"
+    assert all(prompt.num_tokens <= budget for prompt in engine.prompts)
+    assert all(engine.prompts[n].dropped_messages == 0 for n in range(30) if n not in moves)
+
+
+async def test_the_window_is_the_same_after_a_restart(store: Store, tmp_path: Path) -> None:
+    engine = ScriptedEngine(["an answer " * 6], budget=300)
+    await talk(pipeline_on(store, engine), range(12))
+    before = first_of_window(engine, -1)
+    assert not before.startswith("Alice: question 0:"), "the window moved at least once"
+    async with open_store(store.path) as reopened:
+        after = ScriptedEngine(["an answer " * 6], budget=300)
+        await talk(pipeline_on(reopened, after), range(12, 13))
+    assert first_of_window(after, 0) == before
+
+
+async def test_reset_and_a_new_system_prompt_start_the_window_over(store: Store) -> None:
+    engine = ScriptedEngine(["an answer " * 6], budget=300)
+    pipeline = pipeline_on(store, engine)
+    await talk(pipeline, range(12))
+    await store.reset(CHANNEL)
+    await talk(pipeline, range(12, 13))
+    assert engine.chats[-1][1:] == [{"role": "user", "content": "Alice: question 12: " + "words " * 11 + "words"}]
+
+    await talk(pipeline, range(13, 18))
+    await store.update_channel_settings(CHANNEL, changed_by=None, system_prompt="Be kind. " * 25)
+    await talk(pipeline, range(18, 24))
+    assert engine.chats[-1][0]["content"] == ("Be kind. " * 25).strip()
+    starts = [first_of_window(engine, n) for n in range(18, 24)]
+    assert len(set(starts)) <= 2, "with the longer system prompt the window moves once at most, then stays"
+    assert starts[-1] == starts[-2]
+
+
+async def test_history_limit_moves_the_window_to_its_newest_half(store: Store) -> None:
+    engine = ScriptedEngine(["ok"])
+    pipeline = pipeline_on(store, engine, history_limit=10)
+    await talk(pipeline, range(12))
+    counts = [len(chat) - 1 for chat in engine.chats]  # history + the new message, without the system prompt
+    # Up to 10 messages, then the newest half from a user turn (4 of the 5 newest), growing again from there.
+    assert counts == [1, 3, 5, 7, 9, 5, 7, 9, 5, 7, 9, 5]
+    assert all(chat[1]["role"] == "user" for chat in engine.chats)
+    assert engine.chats[6][1:4] == engine.chats[5][1:4], "the window stays where it moved"

@@ -9,7 +9,14 @@ from transformers import AutoTokenizer
 
 from bot.engine.errors import ModelLoadError, PromptError
 from bot.engine.local.loader import gguf_cache_dir, smollm2_gguf_path
-from bot.engine.templating import EXAMPLE_TEMPLATE, TRUNCATION_MARKER, PromptBuilder, read_chat_template, tokenize_plain
+from bot.engine.templating import (
+    EXAMPLE_TEMPLATE,
+    TRUNCATION_MARKER,
+    WINDOW_KEEP,
+    PromptBuilder,
+    read_chat_template,
+    tokenize_plain,
+)
 from tests.support.tiny_model import build_tiny_tokenizer
 
 Chat = list[dict[str, str]]
@@ -86,21 +93,33 @@ def test_typed_special_tokens_stay_plain_text_and_the_template_keeps_its_own(tok
     assert tokenizer.decode(tokenizer(evil, add_special_tokens=False, split_special_tokens=True)["input_ids"]) == evil
 
 
-def test_oldest_turns_are_dropped_first_keeping_system_and_newest(tiny_tokenizer: Any) -> None:
+def test_an_overflowing_conversation_drops_its_oldest_turns_in_one_large_step(tiny_tokenizer: Any) -> None:
     chat = conversation(20)
     budget = count_tokens(tiny_tokenizer, chat) // 3
     prompt = PromptBuilder(tiny_tokenizer, max_prompt_tokens=budget, context_length=8192).build(chat, 64)
 
     kept = prompt.messages
-    assert prompt.num_tokens <= budget and not prompt.truncated
+    target = int(budget * WINDOW_KEEP)
+    assert prompt.num_tokens <= target and not prompt.truncated  # room left for the turns to come
     assert kept[0] == chat[0] and kept[-1] == chat[-1]
     assert kept[1]["role"] == "user"  # the history starts with a question
     assert kept[1:] == chat[len(chat) - len(kept) + 1 :]  # a contiguous run of the newest turns
     assert prompt.dropped_messages == len(chat) - len(kept) > 0
     assert prompt.token_ids == reference_ids(tiny_tokenizer, kept)
-    # The cut is as late as it can be: one more user/assistant pair would not fit.
+    # The step is no larger than it must be: one more user/assistant pair would be over the target.
     one_more = [chat[0], *chat[len(chat) - len(kept) - 1 :]]
-    assert count_tokens(tiny_tokenizer, one_more) > budget
+    assert count_tokens(tiny_tokenizer, one_more) > target
+
+
+def test_after_a_step_the_following_turns_keep_the_same_start(tiny_tokenizer: Any) -> None:
+    chat = conversation(20)
+    budget = count_tokens(tiny_tokenizer, chat) // 3
+    builder = PromptBuilder(tiny_tokenizer, max_prompt_tokens=budget, context_length=8192)
+    window = builder.build(chat, 64).messages
+    for turn in range(3):  # as the turn pipeline does: the kept window, and the new turns after it
+        window += [{"role": "assistant", "content": "Sure."}, {"role": "user", "content": f"Bob: and then {turn}?"}]
+        prompt = builder.build(window, 64)
+        assert prompt.dropped_messages == 0 and prompt.messages == window
 
 
 def test_the_budget_leaves_room_for_max_new_tokens_in_the_context(tiny_tokenizer: Any) -> None:

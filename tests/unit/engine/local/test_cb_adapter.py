@@ -11,6 +11,7 @@ import torch
 from transformers.generation.continuous_batching.continuous_api import ContinuousBatchingManager, OutputRouter
 
 from bot.engine.local import cb_adapter
+from bot.engine.local.attention import AttentionChoice
 from bot.engine.local.cb_adapter import (
     ContinuousBatcher,
     _GreedyAwareTemperature,
@@ -44,8 +45,10 @@ async def test_a_changed_transformers_stops_the_batcher_at_start(monkeypatch: py
         model,  # type: ignore[arg-type]
         eos_token_ids=[0],
         max_batch_size=1,
-        cache_tokens=64,
+        cache_blocks=4,
+        longest_request=64,
         max_batch_tokens=64,
+        attention=AttentionChoice("sdpa", False, "test"),
         on_updates=lambda updates: None,
     )
     with pytest.raises(RuntimeError, match=r"transformers==5\.24\.0.*cancel_request is gone"):

@@ -1,0 +1,74 @@
+"""Per-request SDPA computes what continuous batching's masked SDPA over the packed batch computes."""
+
+from __future__ import annotations
+
+import torch
+from torch.nn.attention.bias import CausalBias, CausalVariant
+from transformers.generation.continuous_batching.utils import build_attention_mask
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from bot.engine.local.varlen_sdpa import PACK_DECODE_MAX_KEYS, plan_step, varlen_sdpa_attention_forward
+
+
+class Layer(torch.nn.Module):
+    num_key_value_groups = 4
+
+
+# (cached past, new tokens) per request: decode rows, whole prompts, chunks of prompts with a cached start, and a
+# decode row with a past longer than a packed run may span.
+REQUESTS = [(0, 37), (100, 1), (50, 1), (0, 1), (300, 200), (7, 5), (9, 1), (PACK_DECODE_MAX_KEYS + 3, 1), (3, 1)]
+
+
+def packed_batch() -> tuple[list[int], list[int]]:
+    cu_q, cu_k = [0], [0]
+    for past, new in REQUESTS:
+        cu_q.append(cu_q[-1] + new)
+        cu_k.append(cu_k[-1] + past + new)
+    return cu_q, cu_k
+
+
+def test_it_matches_masked_sdpa_over_the_packed_batch() -> None:
+    torch.manual_seed(0)
+    cu_q, cu_k = packed_batch()
+    heads, kv_heads, dim = 8, 2, 16
+    query = torch.randn(1, heads, cu_q[-1], dim)
+    key, value = torch.randn(1, kv_heads, cu_k[-1], dim), torch.randn(1, kv_heads, cu_k[-1], dim)
+    mask = torch.full((1, 1, cu_q[-1], cu_k[-1]), torch.finfo(torch.float32).min)
+    build_attention_mask(mask, cu_q, cu_k)
+    expected, _ = sdpa_attention_forward(Layer(), query, key, value, mask, scaling=0.25)
+
+    got, _ = varlen_sdpa_attention_forward(
+        Layer(),
+        query,
+        key,
+        value,
+        None,
+        scaling=0.25,
+        cu_seq_lens_q=torch.tensor(cu_q, dtype=torch.int32),
+        cu_seq_lens_k=torch.tensor(cu_k, dtype=torch.int32),
+    )
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_each_request_reads_its_own_keys_and_decode_rows_share_calls() -> None:
+    cu_q, cu_k = packed_batch()
+    calls = plan_step(cu_q, cu_k, torch.float32)
+    assert sum(call.q_end - call.q_start for call in calls) == cu_q[-1]  # every query row, once
+    keys_read = sum((call.q_end - call.q_start) * (call.k_end - call.k_start) for call in calls)
+    assert keys_read < cu_q[-1] * cu_k[-1] / 10  # far from every query against every key
+    # The decode rows of requests 1-3 go in one call; the long one (request 7) alone.
+    assert (calls[1].q_start, calls[1].q_end) == (cu_q[1], cu_q[4])
+    long_decode = next(call for call in calls if call.q_start == cu_q[7])
+    assert (long_decode.q_end, long_decode.mask) == (cu_q[8], None)
+    whole_prompt, chunk = calls[0], calls[2]
+    assert whole_prompt.causal and whole_prompt.mask is None
+    assert not chunk.causal and isinstance(chunk.mask, CausalBias)
+    assert (chunk.mask.seq_len_q, chunk.mask.seq_len_kv, chunk.mask.variant) == (200, 500, CausalVariant.LOWER_RIGHT)
+
+
+def test_outside_continuous_batching_it_is_plain_sdpa() -> None:
+    torch.manual_seed(1)
+    query, key, value = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    expected, _ = sdpa_attention_forward(Layer(), query, key, value, None, is_causal=True)
+    got, _ = varlen_sdpa_attention_forward(Layer(), query, key, value, None, is_causal=True)
+    torch.testing.assert_close(got, expected)
