@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager, suppress
 from datetime import datetime
 from os import PathLike
+from typing import TypeVar
 from urllib.parse import unquote
 
 import asyncpg
@@ -50,7 +51,17 @@ OWN_TABLES = ("channels", "messages", "discord_messages")
 
 _SCHEMES = ("postgresql://", "postgres://")
 # What asyncpg and the network raise; anything else is a bug and propagates as it is.
-_DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+# The server ended the connection (shut down, restarted, or terminated the backend). An idle connection that read
+# the server's goodbye fails its next use with an InternalClientError (the protocol is left mid-error), before any
+# statement is sent.
+_CONNECTION_LOST = (
+    asyncpg.ConnectionDoesNotExistError,
+    asyncpg.AdminShutdownError,
+    asyncpg.InternalClientError,
+    ConnectionError,
+)
+_DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError, *_CONNECTION_LOST)
+T = TypeVar("T")
 _PASSWORD_PARAMETER = re.compile(r"([?&]password=)([^&]*)", re.IGNORECASE)
 
 _ROLES = {role.value: role for role in Role}
@@ -251,8 +262,9 @@ class PostgresStore(Store):
         return int(stored_id)
 
     async def _load_history(self, channel_id: int, limit: int) -> list[StoredMessage]:
-        async with self._connection("load history from") as connection:
-            rows = await connection.fetch(_LOAD_HISTORY, channel_id, limit)
+        rows = await self._read(
+            "load history from", lambda connection: connection.fetch(_LOAD_HISTORY, channel_id, limit)
+        )
         roles = _ROLES
         return [
             StoredMessage(r[0], r[1], roles[r[2]], r[3].decode(), r[4], _text(r[5]), r[6], r[7], r[8])
@@ -291,8 +303,12 @@ class PostgresStore(Store):
             )
 
     async def _get_window_start(self, channel_id: int) -> int:
-        async with self._connection("read the window start from") as connection:
-            start = await connection.fetchval("SELECT window_start_id FROM channels WHERE channel_id = $1", channel_id)
+        start = await self._read(
+            "read the window start from",
+            lambda connection: connection.fetchval(
+                "SELECT window_start_id FROM channels WHERE channel_id = $1", channel_id
+            ),
+        )
         return int(start or 0)
 
     # --- deletions and edits ----------------------------------------------------------------------------------
@@ -345,10 +361,12 @@ class PostgresStore(Store):
     # --- channel settings ----------------------------------------------------------------------------------
 
     async def _get_channel_settings(self, channel_id: int) -> ChannelSettings:
-        async with self._connection("read channel settings from") as connection:
-            row = await connection.fetchrow(
+        row = await self._read(
+            "read channel settings from",
+            lambda connection: connection.fetchrow(
                 f"SELECT {_SETTINGS_COLUMNS} FROM channels WHERE channel_id = $1", channel_id
-            )
+            ),
+        )
         return ChannelSettings(channel_id=channel_id) if row is None else _settings(row)
 
     async def _update_channel_settings(
@@ -374,14 +392,36 @@ class PostgresStore(Store):
 
     @asynccontextmanager
     async def _connection(self, action: str) -> AsyncIterator[asyncpg.Connection]:
-        """A connection of the pool for one operation; a driver or network error becomes `StoreError`."""
-        if self._pool is None:
+        """A connection of the pool for one operation; a driver or network error becomes `StoreError`. When the
+        server ended the connection (a restart, a failover, pg_terminate_backend), the pool's other idle connections
+        are likely gone too: all are replaced on their next use."""
+        pool = self._pool
+        if pool is None:
             raise StoreError(f"The store for {self._name} is closed")
         try:
-            async with self._pool.acquire() as connection:
-                yield connection
+            async with pool.acquire() as connection:
+                try:
+                    yield connection
+                except _CONNECTION_LOST:
+                    await pool.expire_connections()  # every connection is replaced before its next use
+                    with suppress(asyncpg.InterfaceError):  # already given back: the expiry replaces it
+                        connection.terminate()  # not back into the pool, whatever state its protocol is in
+                    raise
         except _DRIVER_ERRORS as error:
             raise StoreError(_scrub(f"Cannot {action} {self._name}: {_describe(error)}", self._secrets)) from error
+
+    async def _read(self, action: str, run: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        """`run` on a pooled connection, once more on a fresh one if the first turned out to be one the server had
+        ended while it sat idle. Reads change nothing, so trying again is safe; writes are not tried again: the one
+        in flight fails, and the next one gets a fresh connection."""
+        try:
+            async with self._connection(action) as connection:
+                return await run(connection)
+        except StoreError as error:
+            if not isinstance(error.__cause__, _CONNECTION_LOST):
+                raise
+        async with self._connection(action) as connection:
+            return await run(connection)
 
     @asynccontextmanager
     async def _transaction(self, action: str) -> AsyncIterator[asyncpg.Connection]:

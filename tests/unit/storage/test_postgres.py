@@ -171,6 +171,19 @@ async def test_a_lost_connection_fails_the_operation_in_flight_and_the_store_rec
         assert await asyncio.wait_for(store.load_history(CHANNEL, 10), TIMEOUT_S) == [kept, after]
 
 
+async def test_right_after_a_cut_a_read_is_tried_again_and_the_next_write_gets_a_fresh_connection(
+    postgres_url: str, raw: asyncpg.Connection
+) -> None:
+    async with PostgresStore.open(postgres_url) as store:
+        kept = await store.append_message(CHANNEL, Role.USER, "before")
+        await asyncio.gather(*(store.load_history(CHANNEL, 10) for _ in range(4)))  # several idle connections
+        assert await cut_store_connections(raw) >= 2
+        # At once, before the pool can have seen the closed sockets: the first use of a dead connection.
+        assert await asyncio.wait_for(store.load_history(CHANNEL, 10), TIMEOUT_S) == [kept]
+        after = await asyncio.wait_for(store.append_message(CHANNEL, Role.USER, "after"), TIMEOUT_S)
+        assert await store.load_history(CHANNEL, 10) == [kept, after]
+
+
 # --- several processes, no lock of their own ---------------------------------------------------------------------
 
 
