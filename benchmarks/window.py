@@ -125,9 +125,12 @@ class FirstTokenClock:
         if self.first_at is None:
             self.first_at = perf_counter()
 
-    async def finish(self, text: str) -> int | None:
-        await self.show(text)
+    async def waiting(self, ahead: int) -> None:
         return None
+
+    async def finish(self, text: str) -> list[int]:
+        await self.show(text)
+        return []
 
     async def abandon(self, text: str) -> None:
         return None

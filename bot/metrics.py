@@ -107,7 +107,7 @@ class Metrics:
         )
         self.queue_wait = Histogram(
             "llamacord_queue_wait_seconds",
-            "Seconds a request waited for a batch slot.",
+            "Seconds a request waited for a batch slot: its turn in the fair line, then the engine's queue.",
             buckets=QUEUE_WAIT_BUCKETS,
             registry=self.registry,
         )
@@ -124,12 +124,20 @@ class Metrics:
             registry=self.registry,
         )
         self.replies = Counter("llamacord_replies", "Replies by how they ended.", ["outcome"], registry=self.registry)
+        self.refused = Counter(
+            "llamacord_requests_refused",
+            "Requests answered busy at once by the fair line: a user's own bound (user) or the whole queue's (queue).",
+            ["bound"],
+            registry=self.registry,
+        )
         self.errors = Counter("llamacord_errors", "Errors by kind.", ["kind"], registry=self.registry)
         # Every label value exists from the start, so rate() and alerts see 0 rather than no series.
         for outcome in ReplyOutcome:
             self.replies.labels(outcome=outcome)
         for kind in ErrorKind:
             self.errors.labels(kind=kind)
+        for bound in ("user", "queue"):
+            self.refused.labels(bound=bound)
 
     def watch_engine(self, stats: Callable[[], EngineStats]) -> None:
         """Export queue depth and in-flight requests from `stats()` (normally `engine.stats`) at each scrape."""
@@ -155,6 +163,10 @@ class Metrics:
             self.time_to_first_token.observe(request.ttft_s)
         if outcome is ReplyOutcome.COMPLETED and request.total_s is not None:
             self.reply_duration.observe(request.total_s)
+
+    def count_refusal(self, *, per_user: bool) -> None:
+        """Count one request the fair line refused: by the user's own bound, or the whole queue's."""
+        self.refused.labels(bound="user" if per_user else "queue").inc()
 
     def count_error(self, kind: ErrorKind | str) -> None:
         """Count one error of `kind` (busy, generation, discord, internal)."""

@@ -76,6 +76,11 @@ class Settings(BaseSettings):
     # Executor
     max_batch_size: int = Field(default=32, ge=1, le=1024)
     max_queued_requests: int = Field(default=64, ge=0)
+    # Fair turns: one user's requests generating at once while others wait, and waiting at most (past it: busy).
+    max_active_per_user: int = Field(default=4, ge=1)
+    max_waiting_per_user: int = Field(default=8, ge=0)
+    # A message that waits this long for its turn gets a placeholder saying its place in line.
+    queue_notice_seconds: float = Field(default=2.0, ge=0)
     # The local engine's KV cache: "auto" (CUDA: most of the memory left after the weights; CPU: a modest share of
     # the available memory) or a size such as 2GiB or 512MiB.
     kv_cache_memory: Literal["auto"] | ByteSize = "auto"

@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 from typing import TextIO
 
 from bot.chat.conversation import build_chat
-from bot.chat.pipeline import Reply, Speaker, TurnPipeline, UserTurn
+from bot.chat.pipeline import Reply, Speaker, TurnPipeline, UserTurn, waiting_text
 from bot.engine.api import Engine
 from bot.engine.backend import create_engine
 from bot.engine.errors import EngineError, ModelLoadError
@@ -189,16 +189,20 @@ class TerminalView:
     def preparing(self) -> contextlib.nullcontext[None]:
         return contextlib.nullcontext()
 
+    async def waiting(self, ahead: int) -> None:
+        self.out.write(waiting_text(ahead) + "\n")
+        self.out.flush()
+
     async def show(self, text: str) -> None:
         self.out.write(text[self.printed :])
         self.out.flush()
         self.printed = len(text)
 
-    async def finish(self, text: str) -> int | None:
+    async def finish(self, text: str) -> list[int]:
         await self.show(text)
         self.out.write("\n")
         self.out.flush()
-        return None
+        return []
 
     async def abandon(self, text: str) -> None:
         if self.printed:

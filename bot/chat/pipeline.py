@@ -23,13 +23,16 @@ The front end keeps what is its own: deciding whether to answer, the channel's t
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
 
+from bot.chat.admission import FairQueue, QueueFullError, Ticket
 from bot.chat.config import ChannelConfig
 from bot.chat.conversation import build_chat, spoken
 from bot.engine.api import Engine, RequestMetrics, TextStream
@@ -43,6 +46,11 @@ log = logging.getLogger(__name__)
 
 STOPPED_NOTE = "\n\n*(stopped)*"
 TRUNCATED_NOTE = "\n\n*(your message was too long; I read its start and end)*"
+
+
+def waiting_text(ahead: int) -> str:
+    """What a message that waits for its turn shows."""
+    return "*Waiting in line: you're next.*" if ahead == 0 else f"*Waiting in line: {ahead} ahead of you.*"
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,18 +69,29 @@ class UserTurn:
     content: str
     speaker: Speaker
     message_id: int | None = None  # the Discord message, when there is one
+    server: int | None = None  # the Discord server (guild); None in a DM or the terminal
+
+    @property
+    def line(self) -> tuple[Hashable, Hashable]:
+        """Whose turn this is in the fair line: (server, user); a DM counts as its user's own server."""
+        return (self.server if self.server is not None else ("dm", self.speaker.id)), self.speaker.id
 
 
 class Reply:
     """One reply in progress, as its front end controls it: `stop()` is the Stop button (or Ctrl-C)."""
 
-    def __init__(self) -> None:
+    def __init__(self, queue: FairQueue) -> None:
         self.stream: TextStream | None = None
+        self.ticket: Ticket | None = None
         self.stopped = False
+        self._queue = queue
 
     async def stop(self) -> None:
-        """Abort the generation at once; the reply ends with what was shown, and a note."""
+        """Abort the generation at once, or take the request out of the line if it still waits; the reply ends
+        with what was shown, and a note."""
         self.stopped = True
+        if self.ticket is not None and not self.ticket.granted:
+            self._queue.leave(self.ticket)
         if self.stream is not None:
             await self.stream.cancel()
 
@@ -84,12 +103,18 @@ class ReplyView(Protocol):
         """Entered while the prompt is built and processed, until the first token (Discord: the typing indicator)."""
         ...
 
+    async def waiting(self, ahead: int) -> None:
+        """The request waits for its turn, with `ahead` requests before it (called once the wait is long enough to
+        say so, then as the line moves; the view paces its own updates and may skip some)."""
+        ...
+
     async def show(self, text: str) -> None:
         """The reply so far; the view paces its own updates and may skip some."""
         ...
 
-    async def finish(self, text: str) -> int | None:
-        """The final text (notes included). Returns the id the reply is stored under (Discord: its first message)."""
+    async def finish(self, text: str) -> list[int]:
+        """The final text (notes included). Returns the ids of the messages that show it (Discord: the reply's
+        messages, first to last; the store keeps them with the reply)."""
         ...
 
     async def abandon(self, text: str) -> None:
@@ -113,6 +138,12 @@ class TurnPipeline:
         self.engine = engine
         self.settings = settings
         self.metrics = metrics
+        self.queue = FairQueue(
+            settings.max_batch_size,
+            max_queued=settings.max_queued_requests,
+            max_active_per_user=settings.max_active_per_user,
+            max_waiting_per_user=settings.max_waiting_per_user,
+        )
 
     async def config(self, channel_id: int) -> ChannelConfig:
         return ChannelConfig.resolve(self.settings, await self.store.get_channel_settings(channel_id))
@@ -123,20 +154,35 @@ class TurnPipeline:
         """Answer `turn` through the view `make_view` builds for the reply; store both turns (the reply under
         `assistant`). Records how the reply ended whatever happens; `EngineBusyError` and other errors propagate
         for the front end to tell the user."""
-        reply = Reply()
+        reply = Reply(self.queue)
         outcome = ReplyOutcome.FAILED
         try:
             await self._answer(turn, reply, make_view(reply), assistant)
             outcome = ReplyOutcome.CANCELLED if reply.stopped else ReplyOutcome.COMPLETED
+        except QueueFullError as full:
+            self.metrics.count_refusal(per_user=full.per_user)
+            outcome = ReplyOutcome.BUSY
+            raise
         except EngineBusyError:
             outcome = ReplyOutcome.BUSY
             raise
         finally:
-            request = reply.stream.metrics if reply.stream is not None else None
+            request = self._request_metrics(reply)
             self.metrics.observe_reply(outcome, request)
             if request is not None:
                 log_reply(turn.channel_id, request, outcome)
         return ReplyResult(outcome, request)
+
+    @staticmethod
+    def _request_metrics(reply: Reply) -> RequestMetrics | None:
+        """The engine's figures, with the wait in the fair line added to its queue wait (both are waiting for a
+        slot, as the user sees it)."""
+        if reply.stream is None:
+            return None
+        request = reply.stream.metrics
+        if reply.ticket is None:
+            return request
+        return dataclasses.replace(request, queue_wait_s=reply.ticket.waited_s + (request.queue_wait_s or 0.0))
 
     async def _window(self, channel_id: int) -> tuple[list[StoredMessage], bool]:
         """The history of the channel's window, and whether its start must move: past HISTORY_LIMIT messages (with
@@ -164,47 +210,68 @@ class TurnPipeline:
             message_id=turn.message_id,
             created_at=datetime.now(UTC),
         )
-        text = ""
+        ticket = reply.ticket = self.queue.enter(*turn.line)  # QueueFullError at once when it may not wait
+        text, truncated, stored = "", False, None
         try:
             async with view.preparing():
-                chat = build_chat(config.system_prompt, [*history, question])
-                prompt = await self.engine.prepare(chat, config.max_new_tokens)
-                stream = reply.stream = self.engine.generate(prompt, config.sampling)  # busy: raises at once
-                stored = await store.append_message(
-                    channel_id,
-                    Role.USER,
-                    question.content,
-                    author_id=question.author_id,
-                    author_name=question.author_name,
-                    message_id=question.message_id,
-                )
-                kept = history[prompt.dropped_messages :]
-                if moved or prompt.dropped_messages:
-                    await store.set_window_start(channel_id, kept[0].id if kept else stored.id)
-                deltas = aiter(stream)
-                first = await anext(deltas, None)
-            if first is not None:
-                text = first
+                await self._wait_turn(ticket, view)
+                if not reply.stopped:  # not stopped while it waited
+                    chat = build_chat(config.system_prompt, [*history, question])
+                    prompt = await self.engine.prepare(chat, config.max_new_tokens)
+                    truncated = prompt.truncated
+                    stream = reply.stream = self.engine.generate(prompt, config.sampling)  # busy: raises at once
+                    stored = await store.append_message(
+                        channel_id,
+                        Role.USER,
+                        question.content,
+                        author_id=question.author_id,
+                        author_name=question.author_name,
+                        message_id=question.message_id,
+                    )
+                    kept = history[prompt.dropped_messages :]
+                    if moved or prompt.dropped_messages:
+                        await store.set_window_start(channel_id, kept[0].id if kept else stored.id)
+                    deltas = aiter(stream)
+                    text = await anext(deltas, "")
+            if text:
                 await view.show(text)
                 async for delta in deltas:
                     if reply.stopped:  # a press after the last token changes nothing
                         break
                     text += delta
                     await view.show(text)
-            notes = (STOPPED_NOTE if reply.stopped else "") + (TRUNCATED_NOTE if prompt.truncated else "")
-            message_id = await view.finish(text + notes)
+            self.queue.leave(ticket)  # the engine is done with it: the next turn need not wait for the last edit
+            notes = (STOPPED_NOTE if reply.stopped else "") + (TRUNCATED_NOTE if truncated else "")
+            shown_in = await view.finish(text + notes)
         except BaseException:
             await view.abandon(text)
             raise
         finally:
+            self.queue.leave(ticket)
             if reply.stream is not None:
                 await reply.stream.cancel()  # a no-op after a finished generation; frees the slot after a failure
-        if text.strip():
+        if stored is not None and text.strip():
             await store.append_message(
                 channel_id,
                 Role.ASSISTANT,
                 text,
                 author_id=assistant.id,
                 author_name=assistant.name,
-                message_id=message_id,
+                message_id=shown_in[0] if shown_in else None,
+                reply_to_id=stored.id,
+                part_ids=shown_in[1:],
             )
+
+    async def _wait_turn(self, ticket: Ticket, view: ReplyView) -> None:
+        """Wait in the fair line; once it has taken QUEUE_NOTICE_SECONDS, show the place in it as it moves."""
+        try:
+            await asyncio.wait_for(self.queue.wait(ticket), self.settings.queue_notice_seconds)
+            return
+        except TimeoutError:
+            pass
+        shown = self.queue.ahead(ticket)
+        await view.waiting(shown)
+        async for ahead in self.queue.moves(ticket):
+            if ahead != shown:
+                shown = ahead
+                await view.waiting(ahead)

@@ -19,14 +19,15 @@ import logging
 import re
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
+from typing import Any
 
 import discord
 from discord.ext import commands
 
 from bot.chat.locks import ChannelLocks
-from bot.chat.pipeline import Reply, Speaker, TurnPipeline, UserTurn
+from bot.chat.pipeline import Reply, Speaker, TurnPipeline, UserTurn, waiting_text
 from bot.engine.errors import BUSY_MESSAGE, EngineBusyError, EngineError
 from bot.metrics import ErrorKind, ReplyOutcome
 from bot.replies import EditThrottle, plan_messages, split_message
@@ -38,7 +39,9 @@ log = logging.getLogger(__name__)
 # answered is told at once that the bot is busy, instead of queueing behind a flood.
 MAX_WAITING_PER_CHANNEL = 10
 NO_PINGS = discord.AllowedMentions.none()
-STOP_BUTTON_ID = "llamacord:stop"
+STOP_PREFIX = "llamacord:stop:"  # + the id of the message the reply answers
+STOP_TEMPLATE = STOP_PREFIX + r"(?P<source>[0-9]+)"
+REPLY_ENDED = "This reply has already ended."
 ERROR_TEXT = "Sorry, something went wrong while answering. Please try again."
 EMPTY_REPLY = "*(no reply)*"
 STOP_DENIED = "Only the person who asked, or a moderator with Manage Messages, can stop this reply."
@@ -79,62 +82,118 @@ def is_conversation(message: discord.Message, me: discord.abc.User) -> bool:
     )
 
 
-class StopButton(discord.ui.View):
-    """The Stop button on the newest message of a streaming reply. Only the asker or a moderator (Manage
-    Messages in the channel) may press it; pressing it aborts the generation at once, freeing its batch slot."""
+class LiveReplies:
+    """The replies being written, by the id of the message each answers: where a Stop press finds its reply."""
 
-    def __init__(self, asker_id: int, on_stop: Callable[[], Awaitable[None]]) -> None:
-        super().__init__(timeout=None)  # the reply removes it when done; a timeout would leave a dead button
-        self.asker_id = asker_id
-        self.on_stop = on_stop
+    def __init__(self) -> None:
+        self._replies: dict[int, tuple[Reply, int]] = {}  # answered message id -> (reply, asker id)
 
-    async def interaction_check(self, interaction: discord.Interaction) -> bool:
-        if interaction.user.id == self.asker_id or (
-            interaction.guild_id is not None and interaction.permissions.manage_messages
-        ):
-            return True
-        await interaction.response.send_message(STOP_DENIED, ephemeral=True)
-        return False
+    def add(self, source_id: int, reply: Reply, asker_id: int) -> None:
+        self._replies[source_id] = (reply, asker_id)
 
-    @discord.ui.button(label="Stop", style=discord.ButtonStyle.danger, custom_id=STOP_BUTTON_ID)
-    async def stop_reply(self, interaction: discord.Interaction, button: discord.ui.Button[StopButton]) -> None:
-        await interaction.response.defer()  # the reply's final edit removes the button
-        await self.on_stop()
+    def remove(self, source_id: int) -> None:
+        self._replies.pop(source_id, None)
+
+    def get(self, source_id: int) -> tuple[Reply, int] | None:
+        return self._replies.get(source_id)
+
+
+def stop_button_type(live: LiveReplies) -> type[discord.ui.DynamicItem[discord.ui.Button[discord.ui.View]]]:
+    """The Stop button, as a persistent item whose custom id names the message the reply answers: a press on any
+    message that carries it (the button moves to a long reply's newest message), or one left from before a restart,
+    finds its reply here or is told the reply has ended, instead of failing."""
+
+    class StopButton(discord.ui.DynamicItem[discord.ui.Button[discord.ui.View]], template=STOP_TEMPLATE):
+        def __init__(self, source_id: int) -> None:
+            button: discord.ui.Button[discord.ui.View] = discord.ui.Button(
+                label="Stop", style=discord.ButtonStyle.danger, custom_id=f"{STOP_PREFIX}{source_id}"
+            )
+            super().__init__(button)
+            self.source_id = source_id
+
+        @classmethod
+        async def from_custom_id(
+            cls, interaction: discord.Interaction, item: discord.ui.Item[Any], match: re.Match[str]
+        ) -> StopButton:
+            return cls(int(match["source"]))
+
+        async def callback(self, interaction: discord.Interaction) -> None:
+            found = live.get(self.source_id)
+            if found is None:
+                await interaction.response.send_message(REPLY_ENDED, ephemeral=True)
+                return
+            reply, asker_id = found
+            moderator = interaction.guild_id is not None and interaction.permissions.manage_messages
+            if interaction.user.id != asker_id and not moderator:
+                await interaction.response.send_message(STOP_DENIED, ephemeral=True)
+                return
+            await interaction.response.defer()  # the reply's final edit removes the button
+            await reply.stop()
+
+    return StopButton
 
 
 class DiscordReplyView:
     """The Discord side of one reply (`bot.chat.pipeline.ReplyView`): the messages posted so far, what they show,
     and where the Stop button is."""
 
-    def __init__(self, source: discord.Message, reply: Reply, asker_id: int, interval: float) -> None:
+    def __init__(
+        self, source: discord.Message, stop_button: Callable[[int], discord.ui.Item[Any]], interval: float
+    ) -> None:
         self.source = source
-        self.reply = reply
-        self.asker_id = asker_id
+        self.stop_button = stop_button
         self.throttle = EditThrottle(interval)
         self.messages: list[discord.Message] = []
         self.shown: list[str] = []
-        self.button: tuple[int, StopButton] | None = None  # (message index, view)
+        self.button_at: int | None = None  # the index of the message that carries the Stop button
+        self._place = ""  # the newest place in line to show
+        self._placing: asyncio.Task[None] | None = None  # shows it, paced by the throttle
 
     def preparing(self) -> AbstractAsyncContextManager[object]:
         return self.source.channel.typing()
 
+    async def waiting(self, ahead: int) -> None:
+        """A placeholder with the place in line (and the Stop button, which takes the request out of the line); the
+        reply takes its place when generation starts. Edits are paced in the background, so a move that comes too
+        soon after the last edit is shown once the interval has passed, without holding up the reply."""
+        self._place = waiting_text(ahead)
+        if self._placing is None or self._placing.done():
+            self._placing = asyncio.create_task(self._show_place())
+
+    async def _show_place(self) -> None:
+        shown = None
+        try:
+            while self._place != shown:
+                await asyncio.sleep(self.throttle.delay())
+                shown = self._place
+                await self._render(shown, final=False)
+        except discord.HTTPException:  # the place in line is a courtesy: the reply itself is what must arrive
+            log.warning("could not show the place in line in channel %s", self.source.channel.id, exc_info=True)
+
+    async def _stop_placing(self) -> None:
+        """The reply starts (or ends): no placeholder edit may come after it."""
+        placing, self._placing = self._placing, None
+        if placing is not None:
+            placing.cancel()
+            with suppress(asyncio.CancelledError, discord.HTTPException):
+                await placing
+
     async def show(self, text: str) -> None:
+        await self._stop_placing()
         if not self.messages or self.throttle.ready():
             await self._render(text, final=False)
 
-    async def finish(self, text: str) -> int | None:
+    async def finish(self, text: str) -> list[int]:
+        await self._stop_placing()
         await asyncio.sleep(self.throttle.delay())
-        try:
-            await self._render(text, final=True)
-        finally:
-            self._stop_button()
-        return self.messages[0].id if self.messages else None
+        await self._render(text, final=True)
+        return [message.id for message in self.messages]
 
     async def abandon(self, text: str) -> None:
+        await self._stop_placing()
         if self.messages:
             with suppress(discord.HTTPException):  # take the Stop button off what was posted
                 await self._render(text, final=True)
-        self._stop_button()
 
     async def _render(self, text: str, *, final: bool) -> None:
         """Make Discord show `text`: edit the messages whose part changed, post new ones past 2,000 characters,
@@ -143,8 +202,8 @@ class DiscordReplyView:
         button_at = None if final else len(wanted) - 1
         plan = plan_messages(self.shown, wanted)
         edits = dict(plan.edits)
-        if self.button is not None and self.button[0] != button_at:
-            edits.setdefault(self.button[0], self.shown[self.button[0]])  # edited only to drop the button
+        if self.button_at is not None and self.button_at != button_at:
+            edits.setdefault(self.button_at, self.shown[self.button_at])  # edited only to drop the button
         for index, content in sorted(edits.items()):
             view = self._view_for(index, button_at)
             self.messages[index] = await self.messages[index].edit(
@@ -165,25 +224,16 @@ class DiscordReplyView:
         if edits or plan.sends:
             self.throttle.flushed()
 
-    def _view_for(self, index: int, button_at: int | None) -> StopButton | None:
-        """The view message `index` should carry; a button that moves is stopped, so discord.py forgets it."""
-        if self.button is not None and self.button[0] == index:
-            if index == button_at:
-                return self.button[1]
-            self.button[1].stop()
-            self.button = None
+    def _view_for(self, index: int, button_at: int | None) -> discord.ui.View | None:
+        """The view message `index` should carry: the Stop button on the newest message while the reply runs."""
         if index != button_at:
+            if self.button_at == index:
+                self.button_at = None
             return None
-        if self.button is not None:
-            self.button[1].stop()
-        view = StopButton(self.asker_id, self.reply.stop)
-        self.button = (index, view)
+        self.button_at = index
+        view = discord.ui.View(timeout=None)  # the reply removes the button when done; a timeout would leave it dead
+        view.add_item(self.stop_button(self.source.id))
         return view
-
-    def _stop_button(self) -> None:
-        if self.button is not None:
-            self.button[1].stop()
-            self.button = None
 
 
 class ChatCog(commands.Cog):
@@ -198,6 +248,14 @@ class ChatCog(commands.Cog):
         self.metrics = pipeline.metrics
         self._last_prompt: dict[int, float] = {}  # user id → time.monotonic() of their last accepted prompt
         self._waiting: Counter[int] = Counter()  # channel id → messages waiting for its lock
+        self.live = LiveReplies()
+        self.stop_button = stop_button_type(self.live)
+
+    async def cog_load(self) -> None:
+        self.bot.add_dynamic_items(self.stop_button)  # presses are routed by custom id, also after a restart
+
+    async def cog_unload(self) -> None:
+        self.bot.remove_dynamic_items(self.stop_button)
 
     @commands.Cog.listener()
     async def on_message(self, message: discord.Message) -> None:
@@ -288,16 +346,20 @@ class ChatCog(commands.Cog):
             content=prompt_text(message, me),
             speaker=Speaker(message.author.id, message.author.display_name),
             message_id=message.id,
+            server=message.guild.id if message.guild is not None else None,
         )
         interval = self.settings.edit_interval_seconds
 
         def view(reply: Reply) -> DiscordReplyView:
-            return DiscordReplyView(message, reply, message.author.id, interval)
+            self.live.add(message.id, reply, message.author.id)
+            return DiscordReplyView(message, self.stop_button, interval)
 
         try:
             await self.pipeline.answer(turn, view, assistant=Speaker(me.id, me.display_name))
         except EngineBusyError as busy:
             await self._tell_busy(message, "engine busy", str(busy))
+        finally:
+            self.live.remove(message.id)
 
     async def _tell_busy(self, message: discord.Message, why: str, text: str = BUSY_MESSAGE) -> None:
         self.metrics.count_error(ErrorKind.BUSY)

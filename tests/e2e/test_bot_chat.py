@@ -17,7 +17,7 @@ import discord
 import pytest
 
 from bot.chat.pipeline import TRUNCATED_NOTE
-from bot.cogs.chat import MAX_WAITING_PER_CHANNEL, STOP_BUTTON_ID, STOP_DENIED
+from bot.cogs.chat import MAX_WAITING_PER_CHANNEL, REPLY_ENDED, STOP_DENIED, STOP_PREFIX
 from bot.engine.api import FinishReason
 from bot.engine.errors import BUSY_MESSAGE, GenerationError
 from bot.engine.local.executor import AsyncEngine
@@ -36,6 +36,7 @@ from tests.support.bot_harness import (
     has_no_pings,
     lively_engine,
     message_bodies,
+    press_stop,
     running_bot,
     wait_for_reply,
 )
@@ -98,7 +99,7 @@ async def test_mention_gets_a_reply_posted_then_edited(fake: FakeDiscord, bot: R
     assert typing and typing[0].time <= post.time, "no typing indicator before the reply"
     assert int(post.json["message_reference"]["message_id"]) == int(sent["id"])
     button = post.json["components"][0]["components"][0]
-    assert button["custom_id"] == STOP_BUTTON_ID and button["label"] == "Stop"
+    assert button["custom_id"] == f"{STOP_PREFIX}{sent['id']}" and button["label"] == "Stop"
 
     edits = fake.find_calls("PATCH", f"{messages_path}/{posted[0]['id']}")
     assert edits, "the reply was posted but never edited"
@@ -398,18 +399,13 @@ async def test_stop_button_stops_the_reply_for_the_asker_or_a_moderator_only(
     async with running_bot(settings, engine) as bot:
         for channel, presser in ((fake.general_id, fake.alice), (fake.random_id, fake.moderator)):
             sent = await fake.send_message(fake.alice, "talk for a long time", channel_id=channel, mention_bot=True)
-            reply = (await fake.wait_until(lambda sent=sent: fake.replies_to(int(sent["id"])), what="the reply"))[0]
-            reply_id = int(reply["id"])
-            # Once the bot edits its message it has registered the button (a real user cannot click earlier).
-            await fake.wait_for_call("PATCH", f"/channels/{channel}/messages/{reply_id}")
-
-            denied = await fake.press_button(reply_id, STOP_BUTTON_ID, user=fake.bob)
+            denied = await press_stop(fake, sent, fake.bob)
             answer = await fake.wait_for_response(denied)
             assert answer["content"] == STOP_DENIED and answer["flags"] & 64
             stream = engine.streams[-1]
             assert not stream.finished, "the reply ended before Stop was pressed: the test proves nothing"
 
-            await fake.press_button(reply_id, STOP_BUTTON_ID, user=presser)
+            await press_stop(fake, sent, presser)
             posted, stored = await wait_for_reply(fake, bot.store, sent)
             assert stream.metrics.finish_reason == FinishReason.CANCELLED
             assert stream.metrics.generated_tokens < 1500
@@ -468,3 +464,16 @@ async def test_the_fake_refuses_messages_over_discords_limits(fake: FakeDiscord,
         assert (refused.value.status, refused.value.code) == (400, INVALID_FORM_BODY)
     assert len(fake.rejected) == len(too_big)
     assert (await channel.send("x" * DISCORD_LIMIT)).content == "x" * DISCORD_LIMIT
+
+
+async def test_a_stop_button_left_from_an_earlier_run_says_the_reply_has_ended(
+    fake: FakeDiscord, bot: RunningBot
+) -> None:
+    # What a reply cut off by a crash leaves on Discord: a message with a live-looking Stop button.
+    button = {"type": 2, "style": 4, "label": "Stop", "custom_id": f"{STOP_PREFIX}123456789"}
+    left = fake._bot_message(
+        fake.general_id, {"content": "Half an ans", "components": [{"type": 1, "components": [button]}]}
+    )
+    pressed = await fake.press_button(int(left["id"]), button["custom_id"], user=fake.alice)
+    answer = await fake.wait_for_response(pressed)
+    assert answer["content"] == REPLY_ENDED and answer["flags"] & 64

@@ -23,7 +23,7 @@ from bot.engine.local.executor import AsyncEngine
 from bot.metrics import Metrics
 from bot.settings import Settings
 from storage import Store, StoredMessage, open_store
-from tests.support.fake_discord import BOT_TOKEN, DEFAULT_TIMEOUT, FakeDiscord, running
+from tests.support.fake_discord import BOT_TOKEN, DEFAULT_TIMEOUT, FakeDiscord, FakeInteraction, FakeUser, running
 from tests.support.tiny_model import load_lively_llama
 
 EDIT_INTERVAL = 0.05  # seconds; the bot's EDIT_INTERVAL_SECONDS in these tests
@@ -242,3 +242,27 @@ def message_bodies(fake: FakeDiscord) -> list[tuple[str, dict[str, Any]]]:
         elif call.path.endswith("/callback") and (call.json or {}).get("type") in (4, 7):
             bodies.append((call.path, call.json.get("data") or {}))
     return bodies
+
+
+def stop_button(fake: FakeDiscord, message: dict[str, Any]) -> tuple[int, str] | None:
+    """The bot's message that carries the Stop button of its reply to `message` (the button moves to a long reply's
+    newest message), and the button's custom id; None while there is none."""
+    replies = fake.replies_to(int(message["id"]))
+    if not replies:
+        return None
+    channel, first = int(replies[0]["channel_id"]), int(replies[0]["id"])
+    reply = [replies[0]] + [
+        m for m in fake.bot_messages(channel) if int(m["id"]) > first and not m.get("message_reference")
+    ]
+    for posted in reply:
+        for row in posted.get("components") or []:
+            for component in row.get("components", []):
+                if component.get("label") == "Stop":
+                    return int(posted["id"]), component["custom_id"]
+    return None
+
+
+async def press_stop(fake: FakeDiscord, message: dict[str, Any], user: FakeUser) -> FakeInteraction:
+    """`user` presses Stop on the bot's reply to `message`, once the button is there."""
+    message_id, custom_id = await fake.wait_until(lambda: stop_button(fake, message), what="the Stop button")
+    return await fake.press_button(message_id, custom_id, user=user)

@@ -290,6 +290,12 @@ class FakeDiscord:
         self.channels[channel_id] = self._text_channel(channel_id, "general", 0, guild_id=guild_id)
         return guild_id, channel_id
 
+    def add_channel(self, name: str) -> int:
+        """Another text channel in the first guild; returns its id. Add channels before the bot connects."""
+        channel_id = self.snowflake()
+        self.channels[channel_id] = self._text_channel(channel_id, name, len(self.channels))
+        return channel_id
+
     def guild_of(self, channel_id: int) -> int | None:
         """The guild a channel belongs to (the first guild for a channel the fake does not know); None for the DM."""
         if channel_id == self.dm_id:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
-from benchmarks.random_llama import BOS, PAD, VOCAB_SIZES, build_tokenizer, save_random_llama
+from benchmarks.random_llama import BOS, PAD, VOCAB_SIZES, build_tokenizer, liven, save_random_llama
 
 # Ids 0-7, in this order: the tests were written against this layout (the benchmarks put Llama 3's 256 at the end).
 SPECIAL_TOKENS = [
@@ -46,13 +46,6 @@ def save_tiny_llama(directory: Path) -> Path:
 
 
 def load_lively_llama(tiny_model_dir: Path) -> PreTrainedModel:
-    """The tiny Llama with its weights redrawn at std 0.5. At the initial std 0.02 greedy decoding repeats a newline
-    forever, so every reply would be blank (and an output routed to the wrong request, or one token off, would go
-    unnoticed); these weights give varied, reproducible text that runs for hundreds of tokens."""
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.dim() > 1:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
-    return model.eval()
+    """The tiny Llama with its weights redrawn (`liven`): at the initial scale greedy decoding repeats a newline
+    forever, so every reply would be blank and an output routed to the wrong request would go unnoticed."""
+    return liven(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32))

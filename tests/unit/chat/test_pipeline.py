@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 
+from bot.chat.admission import QueueFullError
 from bot.chat.pipeline import STOPPED_NOTE, TRUNCATED_NOTE, Reply, Speaker, TurnPipeline, UserTurn
 from bot.engine.api import EngineStats, FinishReason, Prompt, StreamBase
 from bot.engine.errors import EngineBusyError, GenerationError, PromptError
@@ -27,16 +29,23 @@ BOT = Speaker(99, "llamacord")
 class ScriptedStream(StreamBase):
     """Yields `pieces` one per read, then ends (or fails with `error`)."""
 
-    def __init__(self, pieces: list[str], error: Exception | None) -> None:
+    def __init__(self, pieces: list[str], error: Exception | None, *, held: bool = False) -> None:
         super().__init__("scripted", prompt_tokens=5, abort=lambda stream: stream._finish(FinishReason.CANCELLED))
         self.pieces = list(pieces)
         self.error = error
+        self.held = held  # while held, nothing comes: the request keeps its batch slot
 
     @property
     def running(self) -> bool:
         return True
 
+    def release(self) -> None:
+        self.held = False
+        self._wake()
+
     def _take(self) -> str:
+        if self.held:
+            return ""
         if self.pieces:
             return self.pieces.pop(0)
         if not self.finished:
@@ -56,6 +65,8 @@ class ScriptedEngine:
         self.truncated = truncated
         self.builder = PromptBuilder(EstimatingTokenizer(), budget, 100_000) if budget is not None else None
         self.error: Exception | None = None  # raised mid-stream
+        self.hold = False  # streams start held (see `ScriptedStream.release`)
+        self.streams: list[ScriptedStream] = []
         self.refuse: Exception | None = None  # raised by prepare (PromptError) or generate (EngineBusyError)
         self.chats: list[list[dict[str, str]]] = []
         self.prompts: list[Prompt] = []
@@ -75,7 +86,8 @@ class ScriptedEngine:
         if isinstance(self.refuse, EngineBusyError):
             raise self.refuse
         self.params.append(params)
-        return ScriptedStream(self.pieces, self.error)
+        self.streams.append(ScriptedStream(self.pieces, self.error, held=self.hold))
+        return self.streams[-1]
 
     def stats(self) -> EngineStats:
         return EngineStats(0, 0, 1, 0)
@@ -91,6 +103,7 @@ class RecordingView:
         self.shown: list[str] = []
         self.final: str | None = None
         self.abandoned: str | None = None
+        self.places: list[int] = []
 
     @asynccontextmanager
     async def preparing(self) -> AsyncIterator[None]:
@@ -102,9 +115,12 @@ class RecordingView:
         if self.stop_after is not None and len(self.shown) >= self.stop_after:
             await self.reply.stop()
 
-    async def finish(self, text: str) -> int | None:
+    async def waiting(self, ahead: int) -> None:
+        self.places.append(ahead)
+
+    async def finish(self, text: str) -> list[int]:
         self.final = text
-        return 555
+        return [555, 556]
 
     async def abandon(self, text: str) -> None:
         self.abandoned = text
@@ -278,3 +294,68 @@ async def test_history_limit_moves_the_window_to_its_newest_half(store: Store) -
     assert counts == [1, 3, 5, 7, 9, 5, 7, 9, 5, 7, 9, 5]
     assert all(chat[1]["role"] == "user" for chat in engine.chats)
     assert engine.chats[6][1:4] == engine.chats[5][1:4], "the window stays where it moved"
+
+
+async def test_a_request_waits_its_turn_shows_its_place_and_stop_takes_it_out(store: Store) -> None:
+    engine = ScriptedEngine(["slow answer"])
+    engine.hold = True
+    pipeline = pipeline_on(store, engine, max_batch_size=1, queue_notice_seconds=0)
+    first = asyncio.create_task(answer(pipeline, "the first question"))
+    await eventually(lambda: engine.streams)
+    views: list[RecordingView] = []
+
+    def view(reply: Reply) -> RecordingView:
+        views.append(RecordingView(reply))
+        return views[-1]
+
+    waiting = asyncio.create_task(pipeline.answer(UserTurn(CHANNEL, "and mine?", Speaker(8, "Bob")), view))
+    await eventually(lambda: views and views[0].places)
+    assert views[0].places == [0] and pipeline.queue.waiting == 1
+    await views[0].reply.stop()  # the Stop button on the placeholder
+    result = await asyncio.wait_for(waiting, 5)
+    assert result.outcome is ReplyOutcome.CANCELLED and views[0].final == STOPPED_NOTE
+    assert pipeline.queue.waiting == 0 and len(engine.streams) == 1, "it never reached the engine"
+    engine.streams[0].release()
+    await asyncio.wait_for(first, 5)
+    assert [m.content for m in await store.load_history(CHANNEL, 10) if m.role is Role.USER] == ["the first question"]
+
+
+async def test_a_users_own_bound_answers_busy_at_once_and_is_counted(store: Store) -> None:
+    engine = ScriptedEngine(["slow answer"])
+    engine.hold = True
+    metrics = Metrics()
+    pipeline = pipeline_on(store, engine, metrics, max_batch_size=1, max_waiting_per_user=0)
+    first = asyncio.create_task(answer(pipeline, "one"))
+    await eventually(lambda: engine.streams)
+    with pytest.raises(QueueFullError) as refused:
+        await answer(pipeline, "two")
+    assert refused.value.per_user
+    assert metrics.registry.get_sample_value("llamacord_requests_refused_total", {"bound": "user"}) == 1
+    assert counted(metrics) == {"busy": 1}
+    engine.streams[0].release()
+    await asyncio.wait_for(first, 5)
+
+
+async def test_the_queue_wait_counts_the_wait_in_line(store: Store) -> None:
+    engine = ScriptedEngine(["ok"])
+    engine.hold = True
+    pipeline = pipeline_on(store, engine, max_batch_size=1)
+    first = asyncio.create_task(answer(pipeline, "one"))
+    await eventually(lambda: engine.streams)
+    second = asyncio.create_task(pipeline.answer(UserTurn(CHANNEL, "two", Speaker(8, "Bob")), RecordingView))
+    await asyncio.sleep(0.2)
+    engine.streams[0].release()
+    await asyncio.wait_for(first, 5)
+    await eventually(lambda: len(engine.streams) == 2)
+    engine.streams[1].release()
+    result = await asyncio.wait_for(second, 5)
+    assert result.metrics is not None and result.metrics.queue_wait_s >= 0.2
+
+
+async def eventually(predicate: Callable[[], object], timeout_s: float = 5) -> None:
+    """Poll `predicate` (the pipeline's state, which nothing here signals) until it holds."""
+    for _ in range(int(timeout_s / 0.01)):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("timed out")

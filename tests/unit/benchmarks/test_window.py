@@ -1,11 +1,11 @@
-"""The window and long-prompt benchmarks run end to end on tiny sizes, so they cannot rot between measurements."""
+"""The window benchmark runs end to end on tiny sizes, so it cannot rot between measurements."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from benchmarks import long_prompts, window
+from benchmarks import window
 from tests.support.bot_harness import save_lively_llama
 
 
@@ -19,11 +19,3 @@ def test_the_window_benchmark_compares_both_rules_turn_by_turn(tiny_model_dir: P
     assert all(t["prompt_tokens"] <= 400 for t in report["turns"])
     assert report["summary"]["window"]["budget_reached_at_turn"] is not None, "the history outgrew the budget"
     assert "| window |" in (tmp_path / "out" / "window.md").read_text()
-
-
-def test_the_long_prompt_benchmark_measures_both_attentions(tmp_path: Path) -> None:
-    long_prompts.main(["--tokens", "200", "--count", "3", "--rounds", "1", "--out", str(tmp_path)])
-    report = json.loads((tmp_path / "long_prompts.json").read_text())
-    assert set(report["summary"]) == {"sdpa", "varlen"}
-    for summary in report["summary"].values():
-        assert summary["long"]["together_last_s"] >= summary["long"]["alone_s"] > 0
