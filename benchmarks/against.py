@@ -82,20 +82,11 @@ class Server:
         """Ask the server what it serves (GET /v1/models) and pick `model`, else the first one it lists."""
         client = AsyncOpenAI(base_url=base_url, api_key=api_key, timeout=REQUEST_TIMEOUT_S, max_retries=0)
         try:
-            page = await client.models.list()
-            served = tuple(served_model(entry) for entry in page.data)
-            listed = [entry.id for entry in served]
-            if model is None and not listed:
-                raise ServerError("GET /models lists no model; name one with --against-model")
-            if model is not None and model not in listed:
-                raise ServerError(f"the server does not serve {model!r}; it lists {', '.join(listed) or 'none'}")
-        except openai.OpenAIError as error:
-            await client.close()
-            raise ServerError(f"GET /models failed: {describe(error)}") from error
+            served = await _served_models(client)
+            return cls(client, base_url, _pick(served, model), served, new_tokens)
         except ServerError:
             await client.close()
             raise
-        return cls(client, base_url, model or listed[0], served, new_tokens)
 
     @property
     def name(self) -> str:
@@ -183,3 +174,23 @@ class Server:
             generated_tokens=usage.completion_tokens,
             cached_prompt_tokens=details.cached_tokens if details is not None else None,
         )
+
+
+async def _served_models(client: AsyncOpenAI) -> tuple[ServedModel, ...]:
+    try:
+        page = await client.models.list()
+    except openai.OpenAIError as error:
+        raise ServerError(f"GET /models failed: {describe(error)}") from error
+    return tuple(served_model(entry) for entry in page.data)
+
+
+def _pick(served: tuple[ServedModel, ...], model: str | None) -> str:
+    """`model` if the server lists it; without one, the first the server lists."""
+    listed = [entry.id for entry in served]
+    if model is None:
+        if not listed:
+            raise ServerError("GET /models lists no model; name one with --against-model")
+        return listed[0]
+    if model not in listed:
+        raise ServerError(f"the server does not serve {model!r}; it lists {', '.join(listed) or 'none'}")
+    return model
