@@ -1,14 +1,17 @@
-"""`llamacord bench`: our engine against the seed's one-at-a-time pipeline, on the same model, prompts and lengths.
+"""`llamacord bench`: our engine against the seed's one-at-a-time pipeline, and optionally against an OpenAI-compatible
+server, on the same model, prompts and lengths.
 
 - **baseline**: transformers `pipeline("text-generation")` called once per conversation, one at a time, with the
   chat messages (the pipeline applies the chat template), as the seed did;
-- **engine**: our `AsyncEngine` with N conversations submitted at once, for each N in `--concurrency`.
+- **engine**: our `AsyncEngine` with N conversations submitted at once, for each N in `--concurrency`;
+- **server** (`--against URL`): the same N conversations streamed at once from the server (`benchmarks.against`).
 
 Both decode greedily and generate exactly `--new-tokens` tokens: the baseline with `min_new_tokens`, the engine
 with a model whose generation config lists no EOS id (the engine stops on those), so tokens/s compare like for
 like; the tokens actually generated are counted, not assumed. Each path is warmed up with one short request first.
-With `--rounds R` the baseline and the engine levels alternate R times and their figures pool every round, so a
-load that comes and goes on a shared machine hits both sides alike.
+With `--rounds R` the baseline and the engine levels alternate R times (each level's server run right after the
+engine's, or before it in every other round) and their figures pool every round, so a load that comes and goes on a
+shared machine hits every side alike.
 
 Times are wall-clock from the moment a conversation is handed over (templating and tokenization included):
 time to first token is when the first new token id exists (a `generate` streamer for the baseline, the engine's
@@ -29,19 +32,21 @@ import platform
 import re
 import resource
 import shlex
-import statistics
 import sys
 import tempfile
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from benchmarks.timing import PathResult, RequestTiming
 
 if TYPE_CHECKING:
     import torch
 
+    from benchmarks.against import Server
     from bot.engine.local.executor import AsyncEngine
     from bot.engine.local.loader import LoadedModel
     from bot.settings import Settings
@@ -64,58 +69,6 @@ QUESTIONS = [
     "Omar: How can I improve my chess openings?",
     "Pia: Tell me a fun fact about octopuses.",
 ]
-
-
-@dataclass(frozen=True, slots=True)
-class RequestTiming:
-    """One conversation, in seconds from the moment it was handed over."""
-
-    ttft_s: float
-    e2e_s: float
-    prompt_tokens: int
-    generated_tokens: int
-
-
-@dataclass(slots=True)
-class PathResult:
-    """Every request and wall-clock interval of one path (the baseline, or the engine at one concurrency)."""
-
-    name: str
-    concurrency: int
-    requests: list[RequestTiming] = field(default_factory=list)
-    wall_s: float = 0.0
-    peak_memory_mib: float = 0.0
-
-    def summary(self) -> dict[str, Any]:
-        ttft = [r.ttft_s for r in self.requests]
-        e2e = [r.e2e_s for r in self.requests]
-        tokens = sum(r.generated_tokens for r in self.requests)
-        # How fast one reply grows once it has started: what a user watching it sees.
-        stream_rates = [(r.generated_tokens - 1) / (r.e2e_s - r.ttft_s) for r in self.requests if r.e2e_s > r.ttft_s]
-        return {
-            "path": self.name,
-            "concurrency": self.concurrency,
-            "requests": len(self.requests),
-            "prompt_tokens_mean": statistics.fmean(r.prompt_tokens for r in self.requests),
-            "generated_tokens": tokens,
-            "wall_s": self.wall_s,
-            "total_tok_s": tokens / self.wall_s,
-            "stream_tok_s": statistics.median(stream_rates) if stream_rates else None,
-            "ttft_p50_s": percentile(ttft, 50),
-            "ttft_p95_s": percentile(ttft, 95),
-            "e2e_p50_s": percentile(e2e, 50),
-            "e2e_p95_s": percentile(e2e, 95),
-            "peak_memory_mib": self.peak_memory_mib,
-        }
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default), exact for small samples."""
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q / 100
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 class PeakMemory:
@@ -239,7 +192,11 @@ async def run_engine(
         if metrics.ttft_s is None:
             raise RuntimeError(f"the engine generated no token (finish reason {metrics.finish_reason})")
         return RequestTiming(
-            submitted - start + metrics.ttft_s, end - start, prompt.num_tokens, metrics.generated_tokens
+            submitted - start + metrics.ttft_s,
+            end - start,
+            prompt.num_tokens,
+            metrics.generated_tokens,
+            metrics.cached_prompt_tokens,
         )
 
     start = perf_counter()
@@ -309,8 +266,50 @@ def load_average() -> list[float] | None:
         return None
 
 
+Column = tuple[str, str, Callable[[dict[str, Any]], str]]  # header, alignment, cell of a row
+
+COLUMNS: list[Column] = [
+    ("path", "---", lambda row: row["path"]),
+    ("concurrent", "---:", lambda row: str(row["concurrency"])),
+    ("requests", "---:", lambda row: str(row["requests"])),
+    ("prompt tokens", "---:", lambda row: f"{row['prompt_tokens_mean']:.0f}"),
+    ("total tok/s", "---:", lambda row: f"{row['total_tok_s']:.1f}"),
+    ("tok/s per stream", "---:", lambda row: _fmt(row["stream_tok_s"], ".1f")),
+    ("TTFT p50", "---:", lambda row: _ms(row["ttft_p50_s"])),
+    ("TTFT p95", "---:", lambda row: _ms(row["ttft_p95_s"])),
+    ("e2e p50", "---:", lambda row: _ms(row["e2e_p50_s"])),
+    ("e2e p95", "---:", lambda row: _ms(row["e2e_p95_s"])),
+    ("peak MiB", "---:", lambda row: _fmt(row["peak_memory_mib"], ".0f")),
+    ("× baseline", "---:", lambda row: _fmt(row.get("ratio_to_baseline"), ".2f", suffix="×")),
+]
+SHORT = "⚠"  # marks a server row whose replies were shorter than asked
+
+
+def against_columns(new_tokens: int) -> list[Column]:
+    """The table's columns with `--against`: the prefix cache's share, the tokens each reply really had, and the
+    engine's figures as multiples of the server's."""
+
+    def generated(row: dict[str, Any]) -> str:
+        per_request = row["generated_tokens"] / row["requests"]
+        return (
+            f"{per_request:.1f} of {new_tokens} {SHORT}" if row.get("fewer_tokens_than_asked") else f"{per_request:.0f}"
+        )
+
+    columns = list(COLUMNS)
+    columns[4:4] = [
+        ("cached prompt tokens", "---:", lambda row: _fmt(row["cached_prompt_tokens_mean"], ".0f")),
+        ("new tokens", "---:", generated),
+    ]
+    return [
+        *columns,
+        ("tok/s × server", "---:", lambda row: _fmt(row.get("ratio_to_server"), ".2f", suffix="×")),
+        ("TTFT p50 × server", "---:", lambda row: _fmt(row.get("ttft_p50_ratio_to_server"), ".2f", suffix="×")),
+    ]
+
+
 def markdown_table(report: dict[str, Any]) -> str:
     env = report["environment"]
+    server = report["server"]
     head = [
         f"- date: {report['date']}",
         f"- command: `{report['command']}`",
@@ -322,22 +321,47 @@ def markdown_table(report: dict[str, Any]) -> str:
         f"- load average (1, 5, 15 min) at start {report['load_average_start']}, at end {report['load_average_end']}",
         f"- greedy, {report['new_tokens']} new tokens per conversation, {report['rounds']} round(s); "
         f"memory: {report['memory_kind']}",
-        "",
-        "| path | concurrent | requests | prompt tokens | total tok/s | tok/s per stream | TTFT p50 | TTFT p95 "
-        "| e2e p50 | e2e p95 | peak MiB | × baseline |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    rows = [report["baseline"], *report["engine"]] if report["baseline"] else report["engine"]
-    for row in rows:
-        ratio = row.get("ratio_to_baseline")
-        head.append(
-            f"| {row['path']} | {row['concurrency']} | {row['requests']} | {row['prompt_tokens_mean']:.0f} "
-            f"| {row['total_tok_s']:.1f} | {_fmt(row['stream_tok_s'], '.1f')} "
-            f"| {_ms(row['ttft_p50_s'])} | {_ms(row['ttft_p95_s'])} "
-            f"| {_ms(row['e2e_p50_s'])} | {_ms(row['e2e_p95_s'])} "
-            f"| {row['peak_memory_mib']:.0f} | {_fmt(ratio, '.2f', suffix='×')} |"
-        )
+    rows = [report["baseline"]] if report["baseline"] else []
+    columns = COLUMNS
+    if server is None:
+        rows += report["engine"]
+    else:
+        columns = against_columns(report["new_tokens"])
+        rows += [row for pair in zip(report["engine"], server["rows"], strict=True) for row in pair]
+        head += server_lines(server)
+    head += [
+        "",
+        "| " + " | ".join(header for header, _, _ in columns) + " |",
+        "| " + " | ".join(alignment for _, alignment, _ in columns) + " |",
+        *("| " + " | ".join(cell(row) for _, _, cell in columns) + " |" for row in rows),
+    ]
+    if server is not None and any(row["fewer_tokens_than_asked"] for row in server["rows"]):
+        head += [
+            "",
+            f"{SHORT} The server generated fewer tokens than asked (by the usage it reported): its model stopped at an "
+            "end-of-sequence token. Its tok/s count only what it generated, and its replies were shorter than the "
+            "engine's, so the × server figures do not compare like with like.",
+        ]
     return "\n".join(head) + "\n"
+
+
+def server_lines(server: dict[str, Any]) -> list[str]:
+    """The table's head lines about the server: what it said about itself and how it was asked."""
+    models = ", ".join(
+        f"{entry['id']} (max_model_len {entry['max_model_len'] or 'not reported'})" for entry in server["models"]
+    )
+    lines = [
+        f"- server: {server['base_url']}, model {server['model']}; GET /v1/models: {models}",
+        f"- server requests: the engine's rendered chat messages, with `{json.dumps(server['request_options'])}`",
+    ]
+    refused = server["refused"]
+    if refused is not None:
+        lines.append(
+            f"- the server refused {' and '.join(refused['fields'])} ({refused['reply']}): its requests went without "
+            "them"
+        )
+    return lines
 
 
 def _ms(seconds: float) -> str:
@@ -349,6 +373,24 @@ def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
 
 
 async def _bench(settings: Settings, args: argparse.Namespace, command: str) -> dict[str, Any]:
+    if not args.against:
+        return await _measure(settings, args, command, None)
+    from benchmarks.against import Server, ServerError
+    from bot.engine.remote import NO_API_KEY
+
+    api_key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else NO_API_KEY
+    try:
+        # Before the model loads, so that a wrong URL or model name fails in a second.
+        server = await Server.connect(args.against, args.against_model, args.new_tokens, api_key)
+        try:
+            return await _measure(settings, args, command, server)
+        finally:
+            await server.close()
+    except ServerError as error:
+        raise SystemExit(f"--against {args.against}: {error}") from None
+
+
+async def _measure(settings: Settings, args: argparse.Namespace, command: str, server: Server | None) -> dict[str, Any]:
     from bot.engine.local.loader import load_model
 
     loaded = await asyncio.to_thread(load_model, settings)
@@ -362,6 +404,7 @@ async def _bench(settings: Settings, args: argparse.Namespace, command: str) -> 
 
     baseline = PathResult("baseline (pipeline, one at a time)", 1) if args.baseline else None
     engine_results = {n: PathResult("engine", n) for n in levels}
+    server_results = {n: PathResult(server.name, n) for n in levels} if server is not None else {}
     if baseline is not None:  # warm-up, then the first round's memory before the engine's cache exists
         await asyncio.to_thread(run_baseline, loaded, conversations[:1], 2, PathResult("warm-up", 1))
         memory.reset()
@@ -376,23 +419,37 @@ async def _bench(settings: Settings, args: argparse.Namespace, command: str) -> 
     try:
         await engine.start()
         await run_engine(engine, conversations[:1], 2, PathResult("warm-up", 1))
+        rendered: list[list[dict[str, str]]] = []
+        if server is not None:
+            # The chat messages the engine renders its prompts from (after its token budget), as the server gets them.
+            rendered = [(await engine.prepare(messages, args.new_tokens)).messages for messages in conversations]
+            await server.warm_up(rendered[0])
         for round_index in range(args.rounds):
             if baseline is not None and round_index > 0:
                 await asyncio.to_thread(run_baseline, loaded, baseline_conversations, args.new_tokens, baseline)
+            server_first = round_index % 2 == 1  # neither side always runs right after the other
             for n in levels:
+                if server is not None and server_first:
+                    await server.run(rendered[:n], server_results[n])
                 await run_engine(engine, conversations[:n], args.new_tokens, engine_results[n])
+                if server is not None and not server_first:
+                    await server.run(rendered[:n], server_results[n])
         engine_peak = memory.peak_mib()
     finally:
         await engine.shutdown()
         loaded.model.generation_config.eos_token_id = eos_token_id
 
     baseline_summary = baseline.summary() if baseline is not None else None
-    engine_rows = []
+    engine_rows, server_rows = [], []
     for n in levels:
         engine_results[n].peak_memory_mib = engine_peak
         row = engine_results[n].summary()
         if baseline_summary is not None:
             row["ratio_to_baseline"] = row["total_tok_s"] / baseline_summary["total_tok_s"]
+        if server is not None:
+            server_rows.append(server.row(server_results[n]))
+            row["ratio_to_server"] = row["total_tok_s"] / server_rows[-1]["total_tok_s"]
+            row["ttft_p50_ratio_to_server"] = row["ttft_p50_s"] / server_rows[-1]["ttft_p50_s"]
         engine_rows.append(row)
     return {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -405,6 +462,7 @@ async def _bench(settings: Settings, args: argparse.Namespace, command: str) -> 
         "memory_kind": memory.kind,
         "baseline": baseline_summary,
         "engine": engine_rows,
+        "server": None if server is None else server.report() | {"rows": server_rows},
     }
 
 
@@ -469,9 +527,22 @@ def positive_int(text: str) -> int:
     return value
 
 
+EXAMPLE_URL = "http://127.0.0.1:8000/v1"
+
+
+def base_url(text: str) -> str:
+    """argparse type: an http(s) URL with a host, such as EXAMPLE_URL."""
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise argparse.ArgumentTypeError(f"expected a server's base URL such as {EXAMPLE_URL}, got {text!r}")
+    return text.rstrip("/")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `bench` sub-command's options (`--model` is added by the CLI for every sub-command)."""
-    parser.add_argument("--concurrency", type=concurrency_list, default=[1, 8], help="engine levels (default 1,8)")
+    parser.add_argument(
+        "--concurrency", type=concurrency_list, default=[1, 8], help="conversations at once (default 1,8)"
+    )
     parser.add_argument(
         "--new-tokens", type=positive_int, default=64, help="tokens generated per conversation (default 64)"
     )
@@ -484,7 +555,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=positive_int,
         help="conversations for the baseline (default: the largest concurrency)",
     )
-    parser.add_argument("--rounds", type=positive_int, default=1, help="alternate baseline and engine this many times")
+    parser.add_argument(
+        "--against",
+        type=base_url,
+        metavar="URL",
+        help=f"also measure this OpenAI-compatible server (its base URL, e.g. {EXAMPLE_URL}), alternating with the "
+        "engine at each concurrency",
+    )
+    parser.add_argument(
+        "--against-model", metavar="NAME", help="the model to ask the server for (default: the first it lists)"
+    )
+    parser.add_argument(
+        "--rounds", type=positive_int, default=1, help="alternate baseline, engine and server this many times"
+    )
     parser.add_argument("--out", type=Path, default=Path("bench-results/engine"), help="where bench.json/.md go")
     parser.add_argument("--device", help="override DEVICE (auto, cpu, cuda, cuda:N, mps)")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="override DTYPE")

@@ -35,7 +35,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks.bench import percentile
+from benchmarks.timing import percentile
 from bot.engine.local.executor import AsyncEngine
 from tests.support.bot_harness import bot_settings, running_bot, wait_for_reply
 from tests.support.fake_discord import FakeDiscord

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.bench import concurrency_list, percentile
+from benchmarks.bench import concurrency_list
 from benchmarks.random_llama import build_tokenizer, llama3_special_tokens, model_config
+from benchmarks.timing import percentile
 from bot.cli import main
 
 NEW_TOKENS = 4
