@@ -18,7 +18,6 @@ import asyncio
 import statistics
 import tempfile
 from collections.abc import Iterator, Sequence
-from contextlib import nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
 from time import perf_counter
@@ -28,6 +27,7 @@ from transformers import AutoModelForCausalLM
 
 from benchmarks.bench import concurrency_list, cpu_model, load_average, write_report
 from benchmarks.random_llama import BOS, EOS_TOKENS, PAD, liven, save_random_llama
+from benchmarks.timing import FirstTokenView
 from bot.chat.admission import FairQueue, Ticket
 from bot.chat.pipeline import Speaker, TurnPipeline, UserTurn
 from bot.engine.local.executor import AsyncEngine
@@ -47,34 +47,10 @@ class FirstComeFirstServed(FairQueue):
         return iter(sorted(waiting, key=lambda ticket: ticket.entered_at))
 
 
-class Clock:
-    """A reply view that shows nothing and notes when the first text came."""
-
-    def __init__(self) -> None:
-        self.first_at: float | None = None
-
-    def preparing(self) -> nullcontext[None]:
-        return nullcontext()
-
-    async def waiting(self, ahead: int) -> None:
-        return None
-
-    async def show(self, text: str) -> None:
-        if self.first_at is None:
-            self.first_at = perf_counter()
-
-    async def finish(self, text: str) -> list[int]:
-        await self.show(text)
-        return []
-
-    async def abandon(self, text: str) -> None:
-        return None
-
-
 async def ask(pipeline: TurnPipeline, channel: int, user: int, text: str) -> dict[str, float]:
     """One message through the pipeline: its wait for a slot, its first token and its end (seconds from its arrival),
     and its tokens."""
-    clock = Clock()
+    clock = FirstTokenView()
     started = perf_counter()
     result = await pipeline.answer(
         UserTurn(channel, text, Speaker(user, f"user{user}"), server=GUILD), lambda reply: clock

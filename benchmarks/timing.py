@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
+from time import perf_counter
 from typing import Any
 
 
@@ -63,3 +65,28 @@ def percentile(values: Sequence[float], q: float) -> float:
     low = int(position)
     high = min(low + 1, len(ordered) - 1)
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+class FirstTokenView:
+    """A reply view (`bot.chat.pipeline.ReplyView`) for benchmarks that run the turn pipeline: it shows nothing and
+    notes when the first text came (`perf_counter()`)."""
+
+    def __init__(self) -> None:
+        self.first_at: float | None = None
+
+    def preparing(self) -> nullcontext[None]:
+        return nullcontext()
+
+    async def waiting(self, ahead: int) -> None:
+        return None
+
+    async def show(self, text: str) -> None:
+        if self.first_at is None:
+            self.first_at = perf_counter()
+
+    async def finish(self, text: str) -> list[int]:
+        await self.show(text)
+        return []
+
+    async def abandon(self, text: str) -> None:
+        return None

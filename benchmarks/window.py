@@ -25,7 +25,6 @@ import asyncio
 import statistics
 import tempfile
 from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,6 +32,7 @@ from time import perf_counter
 from typing import Any
 
 from benchmarks.bench import cpu_model, load_average, write_report
+from benchmarks.timing import FirstTokenView
 from bot.chat.pipeline import Reply, Speaker, TurnPipeline, UserTurn
 from bot.engine.api import Prompt
 from bot.engine.local.executor import AsyncEngine
@@ -112,30 +112,6 @@ class VariantEngine:
         return getattr(self._engine, name)
 
 
-class FirstTokenClock:
-    """A reply view that shows nothing and notes when the first text came."""
-
-    def __init__(self) -> None:
-        self.first_at: float | None = None
-
-    def preparing(self) -> nullcontext[None]:
-        return nullcontext()
-
-    async def show(self, text: str) -> None:
-        if self.first_at is None:
-            self.first_at = perf_counter()
-
-    async def waiting(self, ahead: int) -> None:
-        return None
-
-    async def finish(self, text: str) -> list[int]:
-        await self.show(text)
-        return []
-
-    async def abandon(self, text: str) -> None:
-        return None
-
-
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     settings = Settings(  # type: ignore[call-arg]
         _env_file=None,
@@ -161,9 +137,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 for number, text in enumerate(MESSAGES[: args.turns], start=1):
                     order = list(variants) if number % 2 else list(reversed(variants))
                     for name in order:
-                        clock = FirstTokenClock()
+                        clock = FirstTokenView()
 
-                        def view(reply: Reply, clock: FirstTokenClock = clock) -> FirstTokenClock:
+                        def view(reply: Reply, clock: FirstTokenView = clock) -> FirstTokenView:
                             return clock
 
                         channel_id = 1 if name == "window" else 2

@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("info", "print the model and tokenizer info")
     from benchmarks.bench import add_arguments as add_bench_arguments  # stdlib-only at import: --help stays instant
 
-    add_bench_arguments(add("bench", "measure the engine against the seed's one-at-a-time pipeline"))
+    add_bench_arguments(add("bench", "measure the engine against the seed's pipeline, or an OpenAI-compatible server"))
     return parser
 
 
