@@ -57,6 +57,10 @@ class LlamacordBot(commands.Bot):
             help_command=None,
             # The default for every send and edit, on top of the explicit one on each reply: never ping anyone.
             allowed_mentions=discord.AllowedMentions.none(),
+            # Every command works in servers and in the bot's own DMs; not in group DMs, where its members share
+            # one conversation with no permissions to check. Installed to servers only.
+            allowed_contexts=app_commands.AppCommandContext(guild=True, dm_channel=True, private_channel=False),
+            allowed_installs=app_commands.AppInstallationType(guild=True, user=False),
             **options,
         )
         use_discord_endpoints(settings.discord_api_base_url, settings.discord_gateway_url)

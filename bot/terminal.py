@@ -264,7 +264,7 @@ class TerminalChat:
             cleared = await self.store.reset(TERMINAL_CHANNEL_ID)
             self._say(f"(forgot {cleared} messages)")
         elif name == "/system" and argument:
-            await self.store.update_channel_settings(TERMINAL_CHANNEL_ID, changed_by=None, system_prompt=argument)
+            await self.pipeline.configs.update(TERMINAL_CHANNEL_ID, changed_by=None, system_prompt=argument)
             self._say("(system prompt set)")
         elif name == "/system":
             self._say(f"System prompt: {(await self.pipeline.config(TERMINAL_CHANNEL_ID)).system_prompt}")

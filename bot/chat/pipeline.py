@@ -9,12 +9,14 @@ a turn are written once:
   moves forward in one large step (to half the budget, or half the messages) and is kept in the store, so the next
   turns' prompts begin with the same tokens and reuse the engine's cached prefix (and a restart gives the same
   prompt);
-- the new message is stored only once the engine has accepted the request, so a busy engine or a prompt that cannot
-  be built leaves no unanswered turn in the history, and a retry is stored once;
+- the new message is stored only once the reply's first message is shown, so a busy engine, a prompt that cannot be
+  built or a channel the front end cannot post to leaves no unanswered turn in the history, and a retry is stored
+  once;
 - the reply streams to the front end's `ReplyView`; a stopped reply ends with a note, and so does one whose message
   was too long and had its middle cut;
 - what the user saw is stored as the assistant's turn (a stopped reply's partial text included: the channel shows
-  it, so the model should see it too); a reply that failed, or has no text, is not stored;
+  it, so the model should see it too); a reply that failed, has no text, or was deleted while it streamed is not
+  stored, and one whose question was deleted meanwhile leaves no trace of either;
 - every reply is counted once in the metrics by how it ended, and each request the engine accepted logs one line
   (ids and numbers, never text).
 
@@ -33,9 +35,9 @@ from datetime import UTC, datetime
 from typing import Protocol
 
 from bot.chat.admission import FairQueue, QueueFullError, Ticket
-from bot.chat.config import ChannelConfig
+from bot.chat.config import ChannelConfig, ChannelConfigs
 from bot.chat.conversation import build_chat, spoken
-from bot.engine.api import Engine, RequestMetrics, TextStream
+from bot.engine.api import Engine, Prompt, RequestMetrics, TextStream
 from bot.engine.errors import EngineBusyError
 from bot.logs import log_reply
 from bot.metrics import Metrics, ReplyOutcome
@@ -77,13 +79,21 @@ class UserTurn:
         return (self.server if self.server is not None else ("dm", self.speaker.id)), self.speaker.id
 
 
+class ReplyGone(Exception):
+    """Raised by a view: what it showed is gone (Discord: the reply's message was deleted), so nothing is left to
+    show the reply in. The pipeline ends the reply quietly, as cancelled, and stores no reply."""
+
+
 class Reply:
-    """One reply in progress, as its front end controls it: `stop()` is the Stop button (or Ctrl-C)."""
+    """One reply in progress, as its front end controls it: `stop()` is the Stop button (or Ctrl-C), `drop()` a
+    deletion."""
 
     def __init__(self, queue: FairQueue) -> None:
         self.stream: TextStream | None = None
         self.ticket: Ticket | None = None
         self.stopped = False
+        self.gone = False  # the reply was deleted: store no reply
+        self.question_gone = False  # the question was deleted: store neither turn
         self._queue = queue
 
     async def stop(self) -> None:
@@ -94,6 +104,13 @@ class Reply:
             self._queue.leave(self.ticket)
         if self.stream is not None:
             await self.stream.cancel()
+
+    async def drop(self, *, question: bool = False) -> None:
+        """The reply's messages were deleted (with `question`, the message it answers): stop, and keep nothing of
+        what was deleted."""
+        self.gone = True
+        self.question_gone = self.question_gone or question
+        await self.stop()
 
 
 class ReplyView(Protocol):
@@ -109,7 +126,8 @@ class ReplyView(Protocol):
         ...
 
     async def show(self, text: str) -> None:
-        """The reply so far; the view paces its own updates and may skip some."""
+        """The reply so far; the view paces its own updates and may skip some. Raises `ReplyGone` when what it
+        showed was deleted (so does `finish`)."""
         ...
 
     async def finish(self, text: str) -> list[int]:
@@ -138,6 +156,7 @@ class TurnPipeline:
         self.engine = engine
         self.settings = settings
         self.metrics = metrics
+        self.configs = ChannelConfigs(store, settings)
         self.queue = FairQueue(
             settings.max_batch_size,
             max_queued=settings.max_queued_requests,
@@ -146,7 +165,7 @@ class TurnPipeline:
         )
 
     async def config(self, channel_id: int) -> ChannelConfig:
-        return ChannelConfig.resolve(self.settings, await self.store.get_channel_settings(channel_id))
+        return await self.configs.get(channel_id)
 
     async def answer(
         self, turn: UserTurn, make_view: Callable[[Reply], ReplyView], *, assistant: Speaker = Speaker()
@@ -166,6 +185,10 @@ class TurnPipeline:
         except EngineBusyError:
             outcome = ReplyOutcome.BUSY
             raise
+        except ReplyGone:
+            reply.gone = True
+            outcome = ReplyOutcome.CANCELLED
+            log.info("the reply in channel %s was deleted while it was written; generation cancelled", turn.channel_id)
         finally:
             request = self._request_metrics(reply)
             self.metrics.observe_reply(outcome, request)
@@ -211,38 +234,29 @@ class TurnPipeline:
             created_at=datetime.now(UTC),
         )
         ticket = reply.ticket = self.queue.enter(*turn.line)  # QueueFullError at once when it may not wait
-        text, truncated, stored = "", False, None
+        text, prompt, stored = "", None, None
         try:
             async with view.preparing():
                 await self._wait_turn(ticket, view)
                 if not reply.stopped:  # not stopped while it waited
                     chat = build_chat(config.system_prompt, [*history, question])
                     prompt = await self.engine.prepare(chat, config.max_new_tokens)
-                    truncated = prompt.truncated
                     stream = reply.stream = self.engine.generate(prompt, config.sampling)  # busy: raises at once
-                    stored = await store.append_message(
-                        channel_id,
-                        Role.USER,
-                        question.content,
-                        author_id=question.author_id,
-                        author_name=question.author_name,
-                        message_id=question.message_id,
-                    )
-                    kept = history[prompt.dropped_messages :]
-                    if moved or prompt.dropped_messages:
-                        await store.set_window_start(channel_id, kept[0].id if kept else stored.id)
                     deltas = aiter(stream)
                     text = await anext(deltas, "")
             if text:
                 await view.show(text)
+                stored = await self._store_question(question, reply, history, prompt, moved)
                 async for delta in deltas:
                     if reply.stopped:  # a press after the last token changes nothing
                         break
                     text += delta
                     await view.show(text)
             self.queue.leave(ticket)  # the engine is done with it: the next turn need not wait for the last edit
-            notes = (STOPPED_NOTE if reply.stopped else "") + (TRUNCATED_NOTE if truncated else "")
+            notes = (STOPPED_NOTE if reply.stopped else "") + (TRUNCATED_NOTE if prompt and prompt.truncated else "")
             shown_in = await view.finish(text + notes)
+            if stored is None:
+                stored = await self._store_question(question, reply, history, prompt, moved)
         except BaseException:
             await view.abandon(text)
             raise
@@ -250,7 +264,9 @@ class TurnPipeline:
             self.queue.leave(ticket)
             if reply.stream is not None:
                 await reply.stream.cancel()  # a no-op after a finished generation; frees the slot after a failure
-        if stored is not None and text.strip():
+        if stored is not None and reply.question_gone and stored.message_id is not None:
+            await store.delete_discord_messages([stored.message_id])  # deleted on Discord while it was being stored
+        elif stored is not None and text.strip() and not reply.gone:
             await store.append_message(
                 channel_id,
                 Role.ASSISTANT,
@@ -261,6 +277,31 @@ class TurnPipeline:
                 reply_to_id=stored.id,
                 part_ids=shown_in[1:],
             )
+
+    async def _store_question(
+        self,
+        question: StoredMessage,
+        reply: Reply,
+        history: list[StoredMessage],
+        prompt: Prompt | None,
+        moved: bool,
+    ) -> StoredMessage | None:
+        """Store the question once its reply is shown (not if the engine never took it, or it was deleted), and
+        move the channel's window start where the prompt began."""
+        if prompt is None or reply.question_gone:
+            return None
+        stored = await self.store.append_message(
+            question.channel_id,
+            Role.USER,
+            question.content,
+            author_id=question.author_id,
+            author_name=question.author_name,
+            message_id=question.message_id,
+        )
+        kept = history[prompt.dropped_messages :]
+        if moved or prompt.dropped_messages:
+            await self.store.set_window_start(question.channel_id, kept[0].id if kept else stored.id)
+        return stored
 
     async def _wait_turn(self, ticket: Ticket, view: ReplyView) -> None:
         """Wait in the fair line; once it has taken QUEUE_NOTICE_SECONDS, show the place in it as it moves."""

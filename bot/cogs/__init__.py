@@ -15,6 +15,6 @@ def build_cogs(bot: commands.Bot, pipeline: TurnPipeline, locks: ChannelLocks) -
     """The bot's cogs over one turn pipeline (its store, engine, settings and metrics) and one set of channel locks."""
     return [
         ChatCog(bot, pipeline, locks),
-        AdminCog(pipeline.store, pipeline.settings, locks),
+        AdminCog(pipeline, locks),
         InfoCog(pipeline.engine),
     ]

@@ -14,12 +14,11 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.chat.config import ChannelConfig
+from bot.chat.config import ChannelConfig, prompt_room_problem
 from bot.chat.locks import ChannelLocks
+from bot.chat.pipeline import TurnPipeline
 from bot.cogs.common import Denied, channel_id_of, require_permission, respond
 from bot.replies import DISCORD_LIMIT
-from bot.settings import Settings
-from storage import Store
 from storage.models import MAX_NEW_TOKENS_RANGE, TEMPERATURE_RANGE, TOP_P_RANGE
 
 MAX_SYSTEM_PROMPT = 4000  # longest system prompt accepted (more than one Discord message can show)
@@ -35,9 +34,10 @@ def _with_quote(header: str, prompt: str) -> str:
 class AdminCog(commands.Cog):
     """Channel moderation: clear the conversation, set the system prompt, tune how the bot answers."""
 
-    def __init__(self, store: Store, settings: Settings, locks: ChannelLocks) -> None:
-        self.store = store
-        self.settings = settings
+    def __init__(self, pipeline: TurnPipeline, locks: ChannelLocks) -> None:
+        self.store = pipeline.store
+        self.configs = pipeline.configs  # every settings change goes through it, so its copy stays true
+        self.engine = pipeline.engine
         self.locks = locks
 
     @app_commands.command(name="reset", description="Clear this channel's conversation with the bot")
@@ -64,9 +64,8 @@ class AdminCog(commands.Cog):
         reset: bool = False,
     ) -> None:
         channel_id = channel_id_of(interaction)
-        store = self.store
         if prompt is None and not reset:
-            config = ChannelConfig.resolve(self.settings, await store.get_channel_settings(channel_id))
+            config = await self.configs.get(channel_id)
             origin = "this channel's own" if "system_prompt" in config.overridden else "the default"
             await respond(interaction, _with_quote(f"System prompt ({origin}):", config.system_prompt), ephemeral=True)
             return
@@ -75,7 +74,7 @@ class AdminCog(commands.Cog):
         require_permission(interaction, "manage_guild")
         if prompt is not None and len(prompt) > MAX_SYSTEM_PROMPT:
             raise Denied(f"A system prompt can be at most {MAX_SYSTEM_PROMPT} characters; this one has {len(prompt)}.")
-        await store.update_channel_settings(channel_id, changed_by=interaction.user.id, system_prompt=prompt)
+        await self.configs.update(channel_id, changed_by=interaction.user.id, system_prompt=prompt)
         if prompt is None:
             await respond(interaction, "This channel is back on the default system prompt.")
         else:
@@ -107,16 +106,16 @@ class AdminCog(commands.Cog):
             raise Denied("Give either new values or `reset: True`, not both.")
         if reset:
             changes = dict.fromkeys(given)
-        store = self.store
+        if max_new_tokens is not None and (problem := prompt_room_problem(max_new_tokens, self.engine.context_length)):
+            raise Denied(f"Nothing changed: {problem}.")
         if changes:
             try:
-                overrides = await store.update_channel_settings(channel_id, changed_by=interaction.user.id, **changes)
+                config = await self.configs.update(channel_id, changed_by=interaction.user.id, **changes)
             except (ValueError, TypeError) as error:
                 # Discord enforces the ranges in its client; this catches what gets past it (top_p = 0, say).
                 raise Denied(f"Nothing changed: {error}.") from None
         else:
-            overrides = await store.get_channel_settings(channel_id)
-        config = ChannelConfig.resolve(self.settings, overrides)
+            config = await self.configs.get(channel_id)
         title = "Channel configuration updated" if changes else "Channel configuration"
         await respond(interaction, embed=self._config_embed(title, config), ephemeral=not changes)
 

@@ -1,36 +1,37 @@
 """Chatting on Discord: should I answer this message? → the turn pipeline → the reply streamed into Discord.
 
-One path per message, in `on_message`. Each channel (a thread and a DM are channels too) has one lock, taken before
-the first await for every message that could be answered, so a channel's messages are decided and answered in the
-order they arrived and the history stays user, assistant, user, assistant. At most MAX_WAITING_PER_CHANNEL
-messages wait for a channel's lock; past that, a message that would be answered is told at once that the bot is
-busy. Different channels never wait for each other: their prompts meet in the engine's queue, which batches them.
+One path per message, in `on_message`. A message that surely is not addressed to the bot (decided from the message
+and the channel's kept configuration, without I/O) is dropped at once. Every other message takes its channel's lock
+(a thread and a DM are channels too) before its first await, so a channel's messages are decided and answered in
+the order they arrived and the history stays user, assistant, user, assistant. At most MAX_WAITING_PER_CHANNEL
+messages wait for a channel's lock; past that, a message that would be answered is told that the bot is busy.
+Different channels never wait for each other: their prompts meet in the fair line and the engine's queue.
 
-The rules of a turn (prompt, storing, notes, metrics) are the pipeline's (`bot.chat.pipeline`); this cog shows the
-reply: typing while the prompt is processed, the first message as soon as the first token arrives, then at most
-one edit per EDIT_INTERVAL_SECONDS. Past 2,000 characters it continues in new messages (see `bot/replies.py`). The
-newest message carries a Stop button until the reply is done.
+Notices (busy, slow down) are posted at most once per user per channel per minute (`bot.chat.notices`); past that,
+the message gets a reaction. A channel where the bot may not post is not answered at all.
+
+The rules of a turn (prompt, storing, notes, metrics) are the pipeline's (`bot.chat.pipeline`); the reply is shown
+by `bot.cogs.replying`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
-from typing import Any
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
 
 import discord
 from discord.ext import commands
 
 from bot.chat.locks import ChannelLocks
-from bot.chat.pipeline import Reply, Speaker, TurnPipeline, UserTurn, waiting_text
+from bot.chat.notices import Notices
+from bot.chat.pipeline import Reply, Speaker, TurnPipeline, UserTurn
+from bot.cogs.replying import NO_PINGS, DiscordReplyView, LiveReplies, stop_button_type
 from bot.engine.errors import BUSY_MESSAGE, EngineBusyError, EngineError
 from bot.metrics import ErrorKind, ReplyOutcome
-from bot.replies import EditThrottle, plan_messages, split_message
 from storage import ReplyMode
 
 log = logging.getLogger(__name__)
@@ -38,16 +39,12 @@ log = logging.getLogger(__name__)
 # Messages that may wait for one channel's lock while it is being answered; past this, a message that would be
 # answered is told at once that the bot is busy, instead of queueing behind a flood.
 MAX_WAITING_PER_CHANNEL = 10
-NO_PINGS = discord.AllowedMentions.none()
-STOP_PREFIX = "llamacord:stop:"  # + the id of the message the reply answers
-STOP_TEMPLATE = STOP_PREFIX + r"(?P<source>[0-9]+)"
-REPLY_ENDED = "This reply has already ended."
 ERROR_TEXT = "Sorry, something went wrong while answering. Please try again."
-EMPTY_REPLY = "*(no reply)*"
-STOP_DENIED = "Only the person who asked, or a moderator with Manage Messages, can stop this reply."
 COOLDOWN_TEXT = "Slow down a little: you can ask me again in {seconds:.0f} s."
 # Prune the cooldown table when it grows past this many users.
 COOLDOWN_TABLE_SIZE = 1024
+# What a message past a limit gets instead of a notice, when its author was told within the last minute.
+QUIET_NOTICE = "\N{HOURGLASS WITH FLOWING SAND}"
 # Only ordinary messages and replies are conversation; joins, pins, boosts and the like are not.
 CONVERSATION_TYPES = (discord.MessageType.default, discord.MessageType.reply)
 
@@ -82,158 +79,15 @@ def is_conversation(message: discord.Message, me: discord.abc.User) -> bool:
     )
 
 
-class LiveReplies:
-    """The replies being written, by the id of the message each answers: where a Stop press finds its reply."""
-
-    def __init__(self) -> None:
-        self._replies: dict[int, tuple[Reply, int]] = {}  # answered message id -> (reply, asker id)
-
-    def add(self, source_id: int, reply: Reply, asker_id: int) -> None:
-        self._replies[source_id] = (reply, asker_id)
-
-    def remove(self, source_id: int) -> None:
-        self._replies.pop(source_id, None)
-
-    def get(self, source_id: int) -> tuple[Reply, int] | None:
-        return self._replies.get(source_id)
-
-
-def stop_button_type(live: LiveReplies) -> type[discord.ui.DynamicItem[discord.ui.Button[discord.ui.View]]]:
-    """The Stop button, as a persistent item whose custom id names the message the reply answers: a press on any
-    message that carries it (the button moves to a long reply's newest message), or one left from before a restart,
-    finds its reply here or is told the reply has ended, instead of failing."""
-
-    class StopButton(discord.ui.DynamicItem[discord.ui.Button[discord.ui.View]], template=STOP_TEMPLATE):
-        def __init__(self, source_id: int) -> None:
-            button: discord.ui.Button[discord.ui.View] = discord.ui.Button(
-                label="Stop", style=discord.ButtonStyle.danger, custom_id=f"{STOP_PREFIX}{source_id}"
-            )
-            super().__init__(button)
-            self.source_id = source_id
-
-        @classmethod
-        async def from_custom_id(
-            cls, interaction: discord.Interaction, item: discord.ui.Item[Any], match: re.Match[str]
-        ) -> StopButton:
-            return cls(int(match["source"]))
-
-        async def callback(self, interaction: discord.Interaction) -> None:
-            found = live.get(self.source_id)
-            if found is None:
-                await interaction.response.send_message(REPLY_ENDED, ephemeral=True)
-                return
-            reply, asker_id = found
-            moderator = interaction.guild_id is not None and interaction.permissions.manage_messages
-            if interaction.user.id != asker_id and not moderator:
-                await interaction.response.send_message(STOP_DENIED, ephemeral=True)
-                return
-            await interaction.response.defer()  # the reply's final edit removes the button
-            await reply.stop()
-
-    return StopButton
-
-
-class DiscordReplyView:
-    """The Discord side of one reply (`bot.chat.pipeline.ReplyView`): the messages posted so far, what they show,
-    and where the Stop button is."""
-
-    def __init__(
-        self, source: discord.Message, stop_button: Callable[[int], discord.ui.Item[Any]], interval: float
-    ) -> None:
-        self.source = source
-        self.stop_button = stop_button
-        self.throttle = EditThrottle(interval)
-        self.messages: list[discord.Message] = []
-        self.shown: list[str] = []
-        self.button_at: int | None = None  # the index of the message that carries the Stop button
-        self._place = ""  # the newest place in line to show
-        self._placing: asyncio.Task[None] | None = None  # shows it, paced by the throttle
-
-    def preparing(self) -> AbstractAsyncContextManager[object]:
-        return self.source.channel.typing()
-
-    async def waiting(self, ahead: int) -> None:
-        """A placeholder with the place in line (and the Stop button, which takes the request out of the line); the
-        reply takes its place when generation starts. Edits are paced in the background, so a move that comes too
-        soon after the last edit is shown once the interval has passed, without holding up the reply."""
-        self._place = waiting_text(ahead)
-        if self._placing is None or self._placing.done():
-            self._placing = asyncio.create_task(self._show_place())
-
-    async def _show_place(self) -> None:
-        shown = None
-        try:
-            while self._place != shown:
-                await asyncio.sleep(self.throttle.delay())
-                shown = self._place
-                await self._render(shown, final=False)
-        except discord.HTTPException:  # the place in line is a courtesy: the reply itself is what must arrive
-            log.warning("could not show the place in line in channel %s", self.source.channel.id, exc_info=True)
-
-    async def _stop_placing(self) -> None:
-        """The reply starts (or ends): no placeholder edit may come after it."""
-        placing, self._placing = self._placing, None
-        if placing is not None:
-            placing.cancel()
-            with suppress(asyncio.CancelledError, discord.HTTPException):
-                await placing
-
-    async def show(self, text: str) -> None:
-        await self._stop_placing()
-        if not self.messages or self.throttle.ready():
-            await self._render(text, final=False)
-
-    async def finish(self, text: str) -> list[int]:
-        await self._stop_placing()
-        await asyncio.sleep(self.throttle.delay())
-        await self._render(text, final=True)
-        return [message.id for message in self.messages]
-
-    async def abandon(self, text: str) -> None:
-        await self._stop_placing()
-        if self.messages:
-            with suppress(discord.HTTPException):  # take the Stop button off what was posted
-                await self._render(text, final=True)
-
-    async def _render(self, text: str, *, final: bool) -> None:
-        """Make Discord show `text`: edit the messages whose part changed, post new ones past 2,000 characters,
-        and keep the Stop button on the newest message (none once `final`)."""
-        wanted = split_message(text) or [EMPTY_REPLY]
-        button_at = None if final else len(wanted) - 1
-        plan = plan_messages(self.shown, wanted)
-        edits = dict(plan.edits)
-        if self.button_at is not None and self.button_at != button_at:
-            edits.setdefault(self.button_at, self.shown[self.button_at])  # edited only to drop the button
-        for index, content in sorted(edits.items()):
-            view = self._view_for(index, button_at)
-            self.messages[index] = await self.messages[index].edit(
-                content=content, view=view, allowed_mentions=NO_PINGS
-            )
-            self.shown[index] = content
-        for content in plan.sends:
-            view = self._view_for(len(self.messages), button_at)
-            if self.messages:
-                message = await self.source.channel.send(content, view=view, allowed_mentions=NO_PINGS)
-            else:
-                reference = self.source.to_reference(fail_if_not_exists=False)
-                message = await self.source.channel.send(
-                    content, view=view, reference=reference, allowed_mentions=NO_PINGS
-                )
-            self.messages.append(message)
-            self.shown.append(content)
-        if edits or plan.sends:
-            self.throttle.flushed()
-
-    def _view_for(self, index: int, button_at: int | None) -> discord.ui.View | None:
-        """The view message `index` should carry: the Stop button on the newest message while the reply runs."""
-        if index != button_at:
-            if self.button_at == index:
-                self.button_at = None
-            return None
-        self.button_at = index
-        view = discord.ui.View(timeout=None)  # the reply removes the button when done; a timeout would leave it dead
-        view.add_item(self.stop_button(self.source.id))
-        return view
+def can_post(message: discord.Message) -> bool:
+    """Whether the bot may post in the message's channel (Send Messages; in a thread, Send Messages in Threads),
+    as discord.py computes it from the cached roles and overwrites. A DM is always open."""
+    if message.guild is None:
+        return True
+    permissions = message.channel.permissions_for(message.guild.me)
+    if isinstance(message.channel, discord.Thread):
+        return permissions.send_messages_in_threads
+    return permissions.send_messages
 
 
 class ChatCog(commands.Cog):
@@ -248,6 +102,7 @@ class ChatCog(commands.Cog):
         self.metrics = pipeline.metrics
         self._last_prompt: dict[int, float] = {}  # user id → time.monotonic() of their last accepted prompt
         self._waiting: Counter[int] = Counter()  # channel id → messages waiting for its lock
+        self.notices = Notices()
         self.live = LiveReplies()
         self.stop_button = stop_button_type(self.live)
 
@@ -262,16 +117,19 @@ class ChatCog(commands.Cog):
         me = self.bot.user
         if me is None or not is_conversation(message, me):
             return
+        addressed = self._addressed_at_once(message, me)
+        if addressed is False:
+            return  # chatter: not answered, so it does not wait for the channel either
         channel_id = message.channel.id
         try:
             if self._waiting[channel_id] >= MAX_WAITING_PER_CHANNEL:
                 # Decided out of turn, which cannot reorder the history: this message is only told to retry.
-                if await self._should_answer(message, me):
+                if addressed or await self._should_answer(message, me):
                     self.metrics.observe_reply(ReplyOutcome.BUSY)
                     await self._tell_busy(message, "channel queue full")
                 return
             async with self._turn(channel_id):
-                if await self._should_answer(message, me):
+                if (addressed or await self._should_answer(message, me)) and self._may_post(message):
                     await self._answer(message, me)
         except Exception as error:
             self.metrics.count_error(error_kind(error))
@@ -280,10 +138,18 @@ class ChatCog(commands.Cog):
             with suppress(discord.HTTPException):
                 await self._reply_short(message, text)
 
+    @commands.Cog.listener()
+    async def on_raw_message_delete(self, payload: discord.RawMessageDeleteEvent) -> None:
+        await self.live.deleted({payload.message_id})
+
+    @commands.Cog.listener()
+    async def on_raw_bulk_message_delete(self, payload: discord.RawBulkMessageDeleteEvent) -> None:
+        await self.live.deleted(set(payload.message_ids))
+
     @asynccontextmanager
     async def _turn(self, channel_id: int) -> AsyncIterator[None]:
         """Hold the channel's lock; messages get it in arrival order (asyncio locks are FIFO), and each counts as
-        waiting until it has it. Taken before deciding, because deciding awaits (the store, a fetch of the
+        waiting until it has it. Taken before deciding, because deciding may await (the store, a fetch of the
         replied-to message): a plain message in an "all" channel must not be overtaken by a mention after it."""
         lock = self.locks(channel_id)
         self._waiting[channel_id] += 1
@@ -298,15 +164,35 @@ class ChatCog(commands.Cog):
         finally:
             lock.release()
 
+    def _addressed_at_once(self, message: discord.Message, me: discord.abc.User) -> bool | None:
+        """Whether the message is addressed to the bot, decided without I/O where the message and the channel's
+        kept configuration tell: True, False, or None when it takes `_should_answer` to know."""
+        if isinstance(message.channel, discord.DMChannel) or any(user.id == me.id for user in message.mentions):
+            return True
+        config = self.pipeline.configs.cached(message.channel.id)
+        if config is None:
+            return None
+        if config.reply_mode is ReplyMode.ALL:
+            return True
+        if message.reference is None:
+            return False
+        replied_to = message.reference.resolved
+        return replied_to.author.id == me.id if isinstance(replied_to, discord.Message) else None
+
     async def _should_answer(self, message: discord.Message, me: discord.abc.User) -> bool:
         """For a message `is_conversation` let through: is it addressed to the bot here?"""
         if isinstance(message.channel, discord.DMChannel) or any(user.id == me.id for user in message.mentions):
             return True
-        overrides = await self.pipeline.store.get_channel_settings(message.channel.id)
-        if overrides.effective_reply_mode is ReplyMode.ALL:
+        if (await self.pipeline.config(message.channel.id)).reply_mode is ReplyMode.ALL:
             return True
         replied_to = await self._replied_message(message)
         return replied_to is not None and replied_to.author.id == me.id
+
+    def _may_post(self, message: discord.Message) -> bool:
+        if can_post(message):
+            return True
+        log.info("not answering in channel %s: the bot may not post there", message.channel.id)
+        return False
 
     async def _replied_message(self, message: discord.Message) -> discord.Message | None:
         reference = message.reference
@@ -339,7 +225,7 @@ class ChatCog(commands.Cog):
         """Answer (the channel's lock held) through the turn pipeline; errors propagate to `on_message`."""
         wait = self._cooldown_left(message.author.id)
         if wait > 0:
-            await self._reply_short(message, COOLDOWN_TEXT.format(seconds=max(wait, 1)))
+            await self._notice(message, COOLDOWN_TEXT.format(seconds=max(wait, 1)))
             return
         turn = UserTurn(
             channel_id=message.channel.id,
@@ -351,8 +237,9 @@ class ChatCog(commands.Cog):
         interval = self.settings.edit_interval_seconds
 
         def view(reply: Reply) -> DiscordReplyView:
-            self.live.add(message.id, reply, message.author.id)
-            return DiscordReplyView(message, self.stop_button, interval)
+            shown = DiscordReplyView(message, self.stop_button, interval)
+            self.live.add(message.id, reply, message.author.id, shown)
+            return shown
 
         try:
             await self.pipeline.answer(turn, view, assistant=Speaker(me.id, me.display_name))
@@ -364,7 +251,17 @@ class ChatCog(commands.Cog):
     async def _tell_busy(self, message: discord.Message, why: str, text: str = BUSY_MESSAGE) -> None:
         self.metrics.count_error(ErrorKind.BUSY)
         log.info("%s: told user %s in channel %s to retry", why, message.author.id, message.channel.id)
-        await self._reply_short(message, text)
+        await self._notice(message, text)
+
+    async def _notice(self, message: discord.Message, text: str) -> None:
+        """Tell the author `text`, unless they were told something here within the minute: then only react."""
+        if self.notices.should_post(message.channel.id, message.author.id):
+            await self._reply_short(message, text)
+            return
+        try:
+            await message.add_reaction(QUIET_NOTICE)
+        except discord.HTTPException:  # no Add Reactions permission, or the message is gone: nothing more to say
+            log.debug("could not react to message %s", message.id, exc_info=True)
 
     async def _reply_short(self, message: discord.Message, text: str) -> None:
         await message.channel.send(

@@ -10,13 +10,21 @@ class Denied(app_commands.AppCommandError):
     """A command refused for a reason the user should read; the tree's error handler shows it ephemerally."""
 
 
+PRIVATE_CHANNEL_DENIED = "That only works in a server channel or in your own DM with me."
+
+
 def require_permission(interaction: discord.Interaction, permission: str) -> None:
     """Raise `Denied` unless the user holds `permission` (a `discord.Permissions` attribute) in this channel.
 
-    Checked here in code, because server admins can override a command's `default_permissions`. In a DM there is
-    no guild and no one else in the conversation, so the user may do anything there.
+    Checked here in code, because server admins can override a command's `default_permissions`. In the bot's own DM
+    no one else is in the conversation, so the user may do anything there; a group DM has other members and no
+    permissions to ask, so no one may (the commands are not offered there either: see `bot.client`).
     """
-    if interaction.guild_id is None or getattr(interaction.permissions, permission):
+    if interaction.guild_id is None:
+        if interaction.context.dm_channel:
+            return
+        raise Denied(PRIVATE_CHANNEL_DENIED)
+    if getattr(interaction.permissions, permission):
         return
     label = permission.replace("_", " ").title().replace("Guild", "Server")
     raise Denied(f"You need the **{label}** permission in this channel to do that.")

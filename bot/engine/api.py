@@ -96,6 +96,9 @@ class Engine(Protocol):
     @property
     def is_alive(self) -> bool: ...  # can still generate (not shut down); /healthz reports it
 
+    @property
+    def context_length(self) -> int: ...  # the most tokens one request (prompt + reply) may hold here
+
     async def prepare(self, messages: Sequence[Mapping[str, str]], max_new_tokens: int) -> Prompt: ...
 
     def generate(self, prompt: Prompt, params: SamplingParams) -> TextStream: ...

@@ -214,6 +214,11 @@ class RemoteEngine:
         """True until shutdown: a server that is down is the server's health, not the bot's."""
         return self._running
 
+    @property
+    def context_length(self) -> int:
+        """The most tokens one request may hold: the server's max_model_len (or the local config's, once known)."""
+        return self._prompt_builder.context_length
+
     def stats(self) -> EngineStats:
         return self._requests.stats()
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import AsyncIterator
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -17,26 +16,30 @@ import discord
 import pytest
 
 from bot.chat.pipeline import TRUNCATED_NOTE
-from bot.cogs.chat import MAX_WAITING_PER_CHANNEL, REPLY_ENDED, STOP_DENIED, STOP_PREFIX
+from bot.cogs.chat import MAX_WAITING_PER_CHANNEL
+from bot.cogs.replying import REPLY_ENDED, STOP_DENIED, STOP_PREFIX
 from bot.engine.api import FinishReason
 from bot.engine.errors import BUSY_MESSAGE, GenerationError
 from bot.engine.local.executor import AsyncEngine
 from bot.engine.sampling import SamplingParams
-from bot.metrics import ErrorKind, ReplyOutcome
 from bot.settings import DEFAULT_SYSTEM_PROMPT
 from storage import ReplyMode, Role
 from tests.support.bot_harness import (
     EDIT_INTERVAL,
+    HeldEngine,
     RecordingEngine,
     RunningBot,
     ScriptedEngine,
     ScriptedStream,
     bot_settings,
+    counts_settle,
+    errors_counted,
     eventually,
     has_no_pings,
     lively_engine,
     message_bodies,
     press_stop,
+    replies_counted,
     running_bot,
     wait_for_reply,
 )
@@ -59,30 +62,6 @@ def assert_no_pings(fake: FakeDiscord) -> None:
     assert bodies, "the bot posted nothing"
     for path, body in bodies:
         assert has_no_pings(body), f"{path} was sent without allowed_mentions that forbid every ping: {body}"
-
-
-def counted(bot: RunningBot, metric: str, label: str, values: type[StrEnum]) -> dict[str, float]:
-    samples = {value: bot.metrics.registry.get_sample_value(metric, {label: value}) for value in values}
-    return {str(value): count for value, count in samples.items() if count}
-
-
-def replies_counted(bot: RunningBot) -> dict[str, float]:
-    """The bot's nonzero `llamacord_replies_total` by outcome."""
-    return counted(bot, "llamacord_replies_total", "outcome", ReplyOutcome)
-
-
-def errors_counted(bot: RunningBot) -> dict[str, float]:
-    """The bot's nonzero `llamacord_errors_total` by kind."""
-    return counted(bot, "llamacord_errors_total", "kind", ErrorKind)
-
-
-async def counts_settle(bot: RunningBot, expected: dict[str, float]) -> None:
-    """Wait for the replies counted by outcome to be `expected` (a reply is counted just after it is stored)."""
-
-    async def settled() -> bool:
-        return replies_counted(bot) == expected
-
-    await eventually(settled, what=f"replies counted as {expected}, not {replies_counted(bot)}")
 
 
 def fence_lines(text: str) -> list[str]:
@@ -203,30 +182,6 @@ async def test_an_all_mode_channel_answers_in_arrival_order(fake: FakeDiscord, b
         (Role.USER, "a question for you"),
         (Role.ASSISTANT, ""),
     ]
-
-
-class HeldStream(ScriptedStream):
-    """A scripted stream that yields nothing until `release` is set, so its reply holds the channel's lock."""
-
-    def __init__(self, text: str, release: asyncio.Event) -> None:
-        super().__init__(text, piece=40, pause_s=0.005)
-        self.release = release
-
-    async def _deltas(self) -> AsyncIterator[str]:
-        await self.release.wait()
-        async for delta in super()._deltas():
-            yield delta
-
-
-class HeldEngine(ScriptedEngine):
-    def __init__(self, engine: AsyncEngine, text: str) -> None:
-        super().__init__(engine, text)
-        self.release = asyncio.Event()
-
-    def generate(self, prompt: Any, params: Any) -> HeldStream:
-        stream = HeldStream(self.text, self.release)
-        self.streams.append(stream)
-        return stream
 
 
 async def test_a_flooded_channel_tells_messages_past_the_waiting_limit_it_is_busy(

@@ -22,6 +22,7 @@ from tests.support import REPO
 from tests.support.bot_harness import (
     RecordingEngine,
     bot_settings,
+    eventually,
     reply_done,
     running_bot,
     save_lively_llama,
@@ -117,11 +118,16 @@ async def test_two_shard_processes_share_one_database_and_survive_sigkill(
             for shard_id, channel_id in enumerate(channels):
                 await exchange(channel_id, f"round {round_}, shard {shard_id}")
 
-        # Kill shard 1's process the moment its next reply starts streaming.
+        # Kill shard 1's process while its next reply streams, once the question is stored (after the first post).
         interrupted = await fake.send_message(fake.alice, "interrupted", channel_id=channels[1], mention_bot=True)
         await fake.wait_until(
             lambda: fake.replies_to(int(interrupted["id"])), timeout_s=REPLY_TIMEOUT_S, what="the reply to start"
         )
+
+        async def question_stored() -> bool:
+            return any(m.message_id == int(interrupted["id"]) for m in await stored_turns(postgres_url, channels[1]))
+
+        await eventually(question_stored, timeout_s=REPLY_TIMEOUT_S, what="the interrupted question to be stored")
         second.send_signal(signal.SIGKILL)
         assert await asyncio.wait_for(second.wait(), STOP_TIMEOUT_S) == -signal.SIGKILL
 
@@ -142,7 +148,7 @@ async def test_two_shard_processes_share_one_database_and_survive_sigkill(
         ids = [m.id for m in history]
         assert ids == sorted(ids)
     assert len(answered[channels[0]]) == 4 and len(answered[channels[1]]) == 3
-    # The interrupted question was accepted before the kill, so it is stored (its half reply is not).
+    # The interrupted question was stored before the kill and stays (its half reply is not stored).
     killed_channel = await stored_turns(postgres_url, channels[1])
     assert [m.content for m in killed_channel if m.role is Role.USER].count("interrupted") == 1
 

@@ -11,6 +11,7 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from bot.app import discord_bot
 from bot.client import LlamacordBot
 from bot.engine.api import RequestMetrics
 from bot.engine.local.executor import AsyncEngine
-from bot.metrics import Metrics
+from bot.metrics import ErrorKind, Metrics, ReplyOutcome
 from bot.settings import Settings
 from storage import Store, StoredMessage, open_store
 from tests.support.fake_discord import BOT_TOKEN, DEFAULT_TIMEOUT, FakeDiscord, FakeInteraction, FakeUser, running
@@ -143,6 +144,30 @@ class ScriptedEngine(RecordingEngine):
         return stream
 
 
+class HeldStream(ScriptedStream):
+    """A scripted stream that yields nothing until `release` is set, so its reply holds the channel's lock."""
+
+    def __init__(self, text: str, release: asyncio.Event) -> None:
+        super().__init__(text, piece=40, pause_s=0.005)
+        self.release = release
+
+    async def _deltas(self) -> AsyncIterator[str]:
+        await self.release.wait()
+        async for delta in super()._deltas():
+            yield delta
+
+
+class HeldEngine(ScriptedEngine):
+    def __init__(self, engine: AsyncEngine, text: str) -> None:
+        super().__init__(engine, text)
+        self.release = asyncio.Event()
+
+    def generate(self, prompt: Any, params: Any) -> HeldStream:
+        stream = HeldStream(self.text, self.release)
+        self.streams.append(stream)
+        return stream
+
+
 @dataclass
 class RunningBot:
     """A bot connected to the fake, and what it was built from."""
@@ -179,6 +204,30 @@ async def eventually(
                 await asyncio.sleep(0.02)
     except TimeoutError:
         raise AssertionError(f"timed out after {timeout_s}s waiting for {what}") from None
+
+
+def counted(bot: RunningBot, metric: str, label: str, values: type[StrEnum]) -> dict[str, float]:
+    samples = {value: bot.metrics.registry.get_sample_value(metric, {label: value}) for value in values}
+    return {str(value): count for value, count in samples.items() if count}
+
+
+def replies_counted(bot: RunningBot) -> dict[str, float]:
+    """The bot's nonzero `llamacord_replies_total` by outcome."""
+    return counted(bot, "llamacord_replies_total", "outcome", ReplyOutcome)
+
+
+def errors_counted(bot: RunningBot) -> dict[str, float]:
+    """The bot's nonzero `llamacord_errors_total` by kind."""
+    return counted(bot, "llamacord_errors_total", "kind", ErrorKind)
+
+
+async def counts_settle(bot: RunningBot, expected: dict[str, float]) -> None:
+    """Wait for the replies counted by outcome to be `expected` (a reply is counted just after it is stored)."""
+
+    async def settled() -> bool:
+        return replies_counted(bot) == expected
+
+    await eventually(settled, what=f"replies counted as {expected}, not {replies_counted(bot)}")
 
 
 def reply_done(fake: FakeDiscord, message_id: int) -> list[dict[str, Any]] | None:

@@ -7,8 +7,8 @@ One aiohttp app serves both halves on a random port:
   time) before it is answered, and `wait_for_call` / `wait_until` let a test wait for one, always with a timeout.
 - The gateway at `/gateway`: HELLO, IDENTIFY → READY, then GUILD_CREATE with one guild (roles, two text channels,
   a thread, the bot's member), heartbeat ACKs; tests push MESSAGE_CREATE and INTERACTION_CREATE with
-  `send_message`, `slash` and `press_button`. Messages the bot posts come back to it as MESSAGE_CREATE, as on
-  Discord, so "the bot ignores itself" is exercised for real.
+  `send_message`, `slash` (in a guild channel, the bot's DM, or a group DM) and `press_button`. Messages the bot
+  posts come back to it as MESSAGE_CREATE, as on Discord, so "the bot ignores itself" is exercised for real.
 - Sharding as Discord does it: an IDENTIFY with `shard: [id, count]` gets READY and GUILD_CREATE for the guilds of
   that shard only (`(guild_id >> 22) % count == id`), and each event goes to the shard of its guild (direct
   messages to shard 0). `add_guild` adds guilds, placed on a chosen shard if the test wants.
@@ -17,6 +17,11 @@ One aiohttp app serves both halves on a random port:
   "Invalid Form Body" error (code 50035) and listed in `rejected`, so no test passes with what Discord would refuse.
 - Deferred interaction responses as Discord has them: the first follow-up after a deferral replaces the loading
   message and keeps the deferral's visibility (its own ephemeral flag is ignored).
+- Deletions as Discord sends them: `delete_message` and `bulk_delete` remove messages and send MESSAGE_DELETE /
+  MESSAGE_DELETE_BULK (ids only, as the raw events carry them); an edit of a deleted message is answered 404
+  "Unknown Message". Reactions the bot adds are kept in `reactions`.
+- Channel permissions: `add_channel(..., bot_denied=SEND_MESSAGES)` gives the bot a member overwrite that denies
+  those bits, and a post there is answered 403 "Missing Permissions", as Discord does.
 
 Permissions are the test's to choose: a `FakeUser` has role ids (the moderator role carries Manage Guild and
 Manage Messages), and an interaction's `member.permissions` is computed from them unless the test passes its own.
@@ -33,6 +38,7 @@ import itertools
 import json
 import re
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -68,7 +74,8 @@ OP_DISPATCH, OP_HEARTBEAT, OP_IDENTIFY, OP_RESUME, OP_HELLO, OP_HEARTBEAT_ACK = 
 INTERACTION_COMMAND, INTERACTION_COMPONENT = 2, 3
 CALLBACK_MESSAGE, CALLBACK_DEFERRED_MESSAGE, CALLBACK_UPDATE = 4, 5, 7  # 6 (deferred update) needs no message
 MESSAGE_DEFAULT, MESSAGE_REPLY = 0, 19
-CHANNEL_TEXT, CHANNEL_DM, CHANNEL_PUBLIC_THREAD = 0, 1, 11
+CHANNEL_TEXT, CHANNEL_DM, CHANNEL_GROUP_DM, CHANNEL_PUBLIC_THREAD = 0, 1, 3, 11
+CONTEXT_GUILD, CONTEXT_BOT_DM, CONTEXT_PRIVATE_CHANNEL = 0, 1, 2  # an interaction's `context`
 EPHEMERAL_FLAG = 1 << 6
 LOADING_FLAG = 1 << 7  # a deferred response's "thinking…" message
 
@@ -78,6 +85,7 @@ EMBED_LIMITS = {"title": 256, "description": 4096}
 EMBED_FIELD_LIMITS = {"name": 256, "value": 1024}
 EMBED_TOTAL_LIMIT = 6000  # titles, descriptions, field names and values, footer texts and author names, all embeds
 INVALID_FORM_BODY = 50035
+UNKNOWN_MESSAGE, MISSING_PERMISSIONS = 10008, 50013
 
 
 def _now_iso() -> str:
@@ -209,6 +217,7 @@ class FakeDiscord:
         self.random_id = self.snowflake()
         self.thread_id = self.snowflake()
         self.dm_id = self.snowflake()
+        self.group_dm_id = self.snowflake()  # a group DM the bot's commands could be used in if it allowed that
         self.channels: dict[int, dict[str, Any]] = {
             self.general_id: self._text_channel(self.general_id, "general", 0),
             self.random_id: self._text_channel(self.random_id, "random", 1),
@@ -220,6 +229,8 @@ class FakeDiscord:
         self.gateway_events: list[dict[str, Any]] = []  # what clients sent on the gateway (IDENTIFY, ...)
         self.commands: dict[int | None, list[dict[str, Any]]] = {}  # synced commands by guild id (None: global)
         self.messages: dict[int, dict[str, Any]] = {}  # every message, by id, as it stands after edits
+        self.deleted: set[int] = set()  # ids of messages deleted (by a test or the bot)
+        self.reactions: list[tuple[int, str]] = []  # (message id, emoji) of every reaction the bot added
         self.created_by: dict[int, RestCall] = {}  # the POST that created each of the bot's channel messages
         self.interactions: dict[str, dict[str, Any]] = {}  # INTERACTION_CREATE payloads sent, by token
         self.interaction_messages: dict[str, dict[str, Any]] = {}  # @original response message by token
@@ -290,15 +301,25 @@ class FakeDiscord:
         self.channels[channel_id] = self._text_channel(channel_id, "general", 0, guild_id=guild_id)
         return guild_id, channel_id
 
-    def add_channel(self, name: str) -> int:
-        """Another text channel in the first guild; returns its id. Add channels before the bot connects."""
+    def add_channel(self, name: str, *, bot_denied: int = 0) -> int:
+        """Another text channel in the first guild; returns its id. `bot_denied`: permission bits a member
+        overwrite denies the bot there. Add channels before the bot connects."""
         channel_id = self.snowflake()
-        self.channels[channel_id] = self._text_channel(channel_id, name, len(self.channels))
+        channel = self.channels[channel_id] = self._text_channel(channel_id, name, len(self.channels))
+        if bot_denied:
+            overwrite = {"id": str(self.bot_user.id), "type": 1, "allow": "0", "deny": str(bot_denied)}
+            channel["permission_overwrites"].append(overwrite)
         return channel_id
+
+    def bot_denied(self, channel_id: int) -> int:
+        """The permission bits the bot's member overwrite denies in a channel (0 where it has none)."""
+        channel = self.channels.get(channel_id) or {}
+        overwrites = channel.get("permission_overwrites") or []
+        return sum(int(o["deny"]) for o in overwrites if int(o["id"]) == self.bot_user.id)
 
     def guild_of(self, channel_id: int) -> int | None:
         """The guild a channel belongs to (the first guild for a channel the fake does not know); None for the DM."""
-        if channel_id == self.dm_id:
+        if channel_id in (self.dm_id, self.group_dm_id):
             return None
         channel = self.channels.get(channel_id)
         return int(channel["guild_id"]) if channel is not None else self.guild_id
@@ -418,6 +439,24 @@ class FakeDiscord:
         self.messages[int(message["id"])] = message
         await self.dispatch("MESSAGE_CREATE", message)
         return message
+
+    async def delete_message(self, message_id: int) -> None:
+        """Someone deletes a message: MESSAGE_DELETE goes to the bot (ids only, as Discord sends it)."""
+        message = self.messages.pop(message_id)
+        self.deleted.add(message_id)
+        await self.dispatch("MESSAGE_DELETE", self._deletion(int(message["channel_id"]), id=str(message_id)))
+
+    async def bulk_delete(self, channel_id: int, message_ids: list[int]) -> None:
+        """A moderator (or a bot) deletes several messages of one channel at once: one MESSAGE_DELETE_BULK."""
+        for message_id in message_ids:
+            self.messages.pop(message_id, None)
+            self.deleted.add(message_id)
+        ids = [str(message_id) for message_id in message_ids]
+        await self.dispatch("MESSAGE_DELETE_BULK", self._deletion(channel_id, ids=ids))
+
+    def _deletion(self, channel_id: int, **ids: Any) -> dict[str, Any]:
+        guild_id = self.guild_of(channel_id)
+        return {**ids, "channel_id": str(channel_id), **({"guild_id": str(guild_id)} if guild_id else {})}
 
     async def slash(
         self,
@@ -552,6 +591,9 @@ class FakeDiscord:
     def _channel_payload(self, channel_id: int, user: FakeUser) -> dict[str, Any]:
         if channel_id == self.dm_id:
             return {"id": str(channel_id), "type": CHANNEL_DM, "recipients": [user.payload()], "last_message_id": None}
+        if channel_id == self.group_dm_id:
+            recipients = [user.payload(), self.bob.payload()]
+            return {"id": str(channel_id), "type": CHANNEL_GROUP_DM, "recipients": recipients, "name": "friends"}
         return self.channels[channel_id]
 
     def _guild_create(self, guild_id: int) -> dict[str, Any]:
@@ -706,11 +748,11 @@ class FakeDiscord:
             payload["guild_locale"] = "en-US"
             payload["member"] = {**user.member_payload(permissions=granted), "user": user.payload()}
             payload["authorizing_integration_owners"] = {"0": str(guild_id)}
-            payload["context"] = 0
+            payload["context"] = CONTEXT_GUILD
         else:
             payload["user"] = user.payload()
             payload["authorizing_integration_owners"] = {"1": str(user.id)}
-            payload["context"] = 1
+            payload["context"] = CONTEXT_BOT_DM if channel_id == self.dm_id else CONTEXT_PRIVATE_CHANNEL
         if message is not None:
             payload["message"] = message
         self.interactions[token] = payload
@@ -816,6 +858,14 @@ class FakeDiscord:
                 return json_response(self.channels[channel_id])
         if re.fullmatch(r"/channels/(\d+)/typing", path):
             return web.Response(status=204)
+        sending = re.fullmatch(r"/channels/(\d+)/messages(?:/\d+)?", path)
+        if sending and method in ("POST", "PATCH") and self.bot_denied(int(sending[1])) & SEND_MESSAGES:
+            return json_response({"message": "Missing Permissions", "code": MISSING_PERMISSIONS}, status=403)
+        if (match := re.fullmatch(r"/channels/(\d+)/messages/(\d+)/reactions/([^/]+)/@me", path)) and method == "PUT":
+            if int(match[2]) not in self.messages:
+                return json_response({"message": "Unknown Message", "code": UNKNOWN_MESSAGE}, status=404)
+            self.reactions.append((int(match[2]), urllib.parse.unquote(match[3])))
+            return web.Response(status=204)
         if (match := re.fullmatch(r"/channels/(\d+)/messages", path)) and method == "POST":
             message = self._bot_message(int(match[1]), body)
             self.created_by[int(message["id"])] = call
@@ -829,6 +879,11 @@ class FakeDiscord:
                 self._apply_message_body(message, body)
                 message["edited_timestamp"] = _now_iso()
                 return json_response(message)
+            if message is not None and method == "DELETE":
+                await self.delete_message(int(match[2]))
+                return web.Response(status=204)
+            if message is None:
+                return json_response({"message": "Unknown Message", "code": UNKNOWN_MESSAGE}, status=404)
         if match := re.fullmatch(r"/interactions/(\d+)/([^/]+)/callback", path):
             return self._callback(int(match[1]), match[2], body, call.query)
         if match := re.fullmatch(rf"/webhooks/{app}/([^/]+)(?:/messages/(@original|\d+))?", path):

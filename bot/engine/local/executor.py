@@ -261,6 +261,14 @@ class AsyncEngine:
         return self._state == "running" and self._batcher.running
 
     @property
+    def context_length(self) -> int:
+        """The most tokens one request (prompt + reply) may hold: the model's context, within what the cache and
+        MAX_PROMPT_TOKENS + MAX_NEW_TOKENS allow."""
+        if self._prompt_builder is not None:
+            return self._prompt_builder.context_length
+        return self._max_sequence_tokens
+
+    @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
         return self._tokenizer
 

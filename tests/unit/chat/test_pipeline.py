@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from bot.chat.admission import QueueFullError
-from bot.chat.pipeline import STOPPED_NOTE, TRUNCATED_NOTE, Reply, Speaker, TurnPipeline, UserTurn
+from bot.chat.pipeline import STOPPED_NOTE, TRUNCATED_NOTE, Reply, ReplyGone, Speaker, TurnPipeline, UserTurn
 from bot.engine.api import EngineStats, FinishReason, Prompt, StreamBase
 from bot.engine.errors import EngineBusyError, GenerationError, PromptError
 from bot.engine.sampling import SamplingParams
@@ -221,6 +221,56 @@ async def test_a_failed_reply_keeps_the_question_but_not_the_half_answer(store: 
     assert counted(metrics) == {"failed": 1}
 
 
+async def test_nothing_is_stored_when_the_reply_cannot_be_posted_or_fails_before_its_first_token(
+    store: Store,
+) -> None:
+    class Refused(RecordingView):
+        async def show(self, text: str) -> None:
+            raise PermissionError("403 Missing Permissions")
+
+    def refused(reply: Reply) -> Refused:
+        return Refused(reply)
+
+    pipeline = pipeline_on(store, ScriptedEngine(["Hello"]))
+    with pytest.raises(PermissionError):
+        await pipeline.answer(UserTurn(CHANNEL, "hi", ALICE, message_id=1000), refused)
+    engine = ScriptedEngine([])
+    engine.error = RuntimeError("Generation failed.")
+    with pytest.raises(GenerationError):
+        await answer(pipeline_on(store, engine), "this fails at once")
+    assert await store.load_history(CHANNEL, 10) == []
+
+
+@pytest.mark.parametrize("question_deleted", [False, True])
+async def test_a_deleted_reply_ends_quietly_as_cancelled_and_keeps_nothing_deleted(
+    store: Store, question_deleted: bool
+) -> None:
+    class Deleted(RecordingView):
+        async def show(self, text: str) -> None:
+            await super().show(text)
+            if len(self.shown) == 2 and question_deleted:
+                await self.reply.drop(question=True)
+            elif len(self.shown) == 2:
+                raise ReplyGone
+
+    views: list[Deleted] = []
+
+    def deleted(reply: Reply) -> Deleted:
+        views.append(Deleted(reply))
+        return views[-1]
+
+    metrics = Metrics()
+    engine = ScriptedEngine(["one ", "two ", "three ", "four"])
+    result = await pipeline_on(store, engine, metrics).answer(
+        UserTurn(CHANNEL, "count", ALICE, message_id=1000), deleted
+    )
+    assert result.outcome is ReplyOutcome.CANCELLED and counted(metrics) == {"cancelled": 1}
+    assert views[0].shown == ["one ", "one two "]
+    assert engine.streams[0].metrics.finish_reason == FinishReason.CANCELLED
+    expected = [] if question_deleted else [(Role.USER, "count")]
+    assert [(m.role, m.content) for m in await store.load_history(CHANNEL, 10)] == expected
+
+
 async def test_a_blank_reply_is_shown_but_not_stored(store: Store) -> None:
     view, _ = await answer(pipeline_on(store, ScriptedEngine(["\n", "  "])), "say nothing")
     assert view.final == "\n  "
@@ -277,7 +327,7 @@ async def test_reset_and_a_new_system_prompt_start_the_window_over(store: Store)
     assert engine.chats[-1][1:] == [{"role": "user", "content": "Alice: question 12: " + "words " * 11 + "words"}]
 
     await talk(pipeline, range(13, 18))
-    await store.update_channel_settings(CHANNEL, changed_by=None, system_prompt="Be kind. " * 25)
+    await pipeline.configs.update(CHANNEL, changed_by=None, system_prompt="Be kind. " * 25)
     await talk(pipeline, range(18, 24))
     assert engine.chats[-1][0]["content"] == ("Be kind. " * 25).strip()
     starts = [first_of_window(engine, n) for n in range(18, 24)]
