@@ -2,7 +2,11 @@
 
 Every failure a user can fix at start-up (no token, a rejected token, the Message Content intent not enabled, a
 bad database file, a metrics port in use, a model that cannot load) ends the process with a message that says what
-to do, not a traceback. SIGTERM (docker stop, systemd) shuts down as cleanly as Ctrl-C: everything is closed.
+to do, not a traceback.
+
+SIGTERM (docker stop, systemd) and Ctrl-C shut down gracefully: no new message is answered, replies in progress get
+SHUTDOWN_GRACE_SECONDS to finish, the rest are interrupted (edited with a note, their button removed, stored as far
+as they got), then the bot, the engine and the store close. A second signal stops at once.
 """
 
 from __future__ import annotations
@@ -57,14 +61,33 @@ def run_bot(settings: Settings) -> None:
         sys.exit(NO_TOKEN)
     # Before anything logs. Ours is the only handler: discord.py installs its own only in `Client.run`, not used here.
     configure_logging(settings.log_level)
-    # SIGTERM (docker stop, systemd) as Ctrl-C: asyncio.run then cancels `serve`, whose cleanup runs.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    with suppress(KeyboardInterrupt):
-        asyncio.run(serve(settings))
+    with suppress(KeyboardInterrupt, asyncio.CancelledError):
+        asyncio.run(_serve_until_signalled(settings))
 
 
-async def serve(settings: Settings) -> None:
-    """Store, metrics server, engine and bot, opened in that order and closed in reverse, whatever happens.
+async def _serve_until_signalled(settings: Settings) -> None:
+    """`serve`, with SIGTERM and SIGINT asking it to stop gracefully; a second signal cancels it at once."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+
+    def on_signal(number: int) -> None:
+        if stop.is_set():
+            log.warning("%s again: stopping at once", signal.Signals(number).name)
+            task.cancel()
+        else:
+            log.info("%s: shutting down gracefully (send it again to stop at once)", signal.Signals(number).name)
+            stop.set()
+
+    for number in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(number, on_signal, number)
+    await serve(settings, stop)
+
+
+async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
+    """Store, metrics server, engine and bot, opened in that order and closed in reverse, whatever happens. Runs
+    until `stop` is set (then the bot shuts down gracefully) or the task is cancelled (at once).
 
     The metrics server starts before the model loads, so /healthz answers 503 while it does.
     """
@@ -102,9 +125,17 @@ async def serve(settings: Settings) -> None:
         stack.push_async_callback(engine.shutdown)
         metrics.watch_engine(engine.stats)
         bot = await stack.enter_async_context(discord_bot(settings, store, engine, metrics))
+        running = asyncio.create_task(bot.start(settings.discord_token.get_secret_value()))
+        stopping = asyncio.create_task((stop or asyncio.Event()).wait())
         try:
-            await bot.start(settings.discord_token.get_secret_value())
+            await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if not running.done():
+                await bot.shut_down(settings.shutdown_grace_seconds)
+            await running
         except discord.LoginFailure:
             raise SystemExit(BAD_TOKEN) from None
         except discord.PrivilegedIntentsRequired:
             raise SystemExit(NO_INTENT) from None
+        finally:
+            stopping.cancel()
+            running.cancel()

@@ -17,6 +17,7 @@ import yarl
 from discord import app_commands
 from discord.ext import commands
 
+from bot.cogs.chat import ChatCog
 from bot.cogs.common import Denied, respond
 from bot.engine.errors import EngineError
 from bot.settings import Settings
@@ -79,6 +80,14 @@ class LlamacordBot(commands.Bot):
             self.tree.copy_global_to(guild=guild)
             synced = await self.tree.sync(guild=guild)
             log.info("synced %d slash commands to guild %s", len(synced), guild.id)
+
+    async def shut_down(self, grace_s: float) -> None:
+        """Close gracefully (SIGTERM, Ctrl-C): the chat cog lets its replies finish for up to `grace_s` and
+        interrupts the rest while the connection is still open, then the bot closes."""
+        chat = self.get_cog(ChatCog.__cog_name__)
+        if isinstance(chat, ChatCog):
+            await chat.wind_down(grace_s)
+        await self.close()
 
     def gateway_connected(self) -> bool:
         """Ready and the gateway websocket open (false while it reconnects): /healthz reports it."""

@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     dev_guild_id: int | None = None
     user_cooldown_seconds: float = Field(default=0.0, ge=0)
     edit_interval_seconds: float = Field(default=1.0, gt=0)
+    # On SIGTERM, how long replies in progress may finish before the rest are interrupted: within `docker stop`'s
+    # 10 seconds, with time left to edit and store the interrupted ones.
+    shutdown_grace_seconds: float = Field(default=5.0, ge=0)
     # Sharding: None is one gateway connection; a number or "auto" runs discord.py's AutoShardedBot.
     shard_count: int | Literal["auto"] | None = None
     shard_ids: Annotated[list[int] | None, NoDecode] = None  # "0,1" in the environment

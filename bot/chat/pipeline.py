@@ -12,8 +12,8 @@ a turn are written once:
 - the new message is stored only once the reply's first message is shown, so a busy engine, a prompt that cannot be
   built or a channel the front end cannot post to leaves no unanswered turn in the history, and a retry is stored
   once;
-- the reply streams to the front end's `ReplyView`; a stopped reply ends with a note, and so does one whose message
-  was too long and had its middle cut;
+- the reply streams to the front end's `ReplyView`; a stopped reply ends with a note (an interrupted one, at
+  shutdown, with its own), and so does one whose message was too long and had its middle cut;
 - what the user saw is stored as the assistant's turn (a stopped reply's partial text included: the channel shows
   it, so the model should see it too); a reply that failed, has no text, or was deleted while it streamed is not
   stored, and one whose question was deleted meanwhile leaves no trace of either;
@@ -47,6 +47,7 @@ from storage import Role, Store, StoredMessage
 log = logging.getLogger(__name__)
 
 STOPPED_NOTE = "\n\n*(stopped)*"
+INTERRUPTED_NOTE = "\n\n*(interrupted)*"  # the bot shut down before the reply was done
 TRUNCATED_NOTE = "\n\n*(your message was too long; I read its start and end)*"
 
 
@@ -92,6 +93,7 @@ class Reply:
         self.stream: TextStream | None = None
         self.ticket: Ticket | None = None
         self.stopped = False
+        self.interrupted = False  # stopped because the bot is shutting down
         self.gone = False  # the reply was deleted: store no reply
         self.question_gone = False  # the question was deleted: store neither turn
         self._queue = queue
@@ -104,6 +106,11 @@ class Reply:
             self._queue.leave(self.ticket)
         if self.stream is not None:
             await self.stream.cancel()
+
+    async def interrupt(self) -> None:
+        """The bot is shutting down: end as `stop` does, with a note that says so."""
+        self.interrupted = True
+        await self.stop()
 
     async def drop(self, *, question: bool = False) -> None:
         """The reply's messages were deleted (with `question`, the message it answers): stop, and keep nothing of
@@ -253,7 +260,9 @@ class TurnPipeline:
                     text += delta
                     await view.show(text)
             self.queue.leave(ticket)  # the engine is done with it: the next turn need not wait for the last edit
-            notes = (STOPPED_NOTE if reply.stopped else "") + (TRUNCATED_NOTE if prompt and prompt.truncated else "")
+            notes = (INTERRUPTED_NOTE if reply.interrupted else STOPPED_NOTE if reply.stopped else "") + (
+                TRUNCATED_NOTE if prompt and prompt.truncated else ""
+            )
             shown_in = await view.finish(text + notes)
             if stored is None:
                 stored = await self._store_question(question, reply, history, prompt, moved)

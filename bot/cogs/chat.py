@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 # answered is told at once that the bot is busy, instead of queueing behind a flood.
 MAX_WAITING_PER_CHANNEL = 10
 ERROR_TEXT = "Sorry, something went wrong while answering. Please try again."
+# At shutdown, after the grace period: how long interrupted replies get to show their note and be stored.
+INTERRUPT_SECONDS = 5.0
 COOLDOWN_TEXT = "Slow down a little: you can ask me again in {seconds:.0f} s."
 # Prune the cooldown table when it grows past this many users.
 COOLDOWN_TABLE_SIZE = 1024
@@ -103,6 +105,7 @@ class ChatCog(commands.Cog):
         self._last_prompt: dict[int, float] = {}  # user id → time.monotonic() of their last accepted prompt
         self._waiting: Counter[int] = Counter()  # channel id → messages waiting for its lock
         self.notices = Notices()
+        self.closing = False  # shutting down: no new message is answered
         self.live = LiveReplies()
         self.stop_button = stop_button_type(self.live)
 
@@ -112,10 +115,21 @@ class ChatCog(commands.Cog):
     async def cog_unload(self) -> None:
         self.bot.remove_dynamic_items(self.stop_button)
 
+    async def wind_down(self, grace_s: float) -> None:
+        """Shutdown: answer no new message, let the replies in progress finish for up to `grace_s`, then interrupt
+        the rest, each of which ends with a note and without its button, and is stored as far as it got."""
+        self.closing = True
+        if await self.live.wait_done(grace_s):
+            return
+        count = await self.live.interrupt_all()
+        log.info("shutting down: interrupted %d replies still in progress after %g s", count, grace_s)
+        if not await self.live.wait_done(INTERRUPT_SECONDS):
+            log.warning("shutting down: %d interrupted replies did not end in time", len(self.live))
+
     @commands.Cog.listener()
     async def on_message(self, message: discord.Message) -> None:
         me = self.bot.user
-        if me is None or not is_conversation(message, me):
+        if me is None or self.closing or not is_conversation(message, me):
             return
         addressed = self._addressed_at_once(message, me)
         if addressed is False:
@@ -129,6 +143,8 @@ class ChatCog(commands.Cog):
                     await self._tell_busy(message, "channel queue full")
                 return
             async with self._turn(channel_id):
+                if self.closing:  # it waited for the channel while the bot began to shut down
+                    return
                 if (addressed or await self._should_answer(message, me)) and self._may_post(message):
                     await self._answer(message, me)
         except Exception as error:

@@ -37,12 +37,35 @@ class LiveReplies:
 
     def __init__(self) -> None:
         self._replies: dict[int, tuple[Reply, int, DiscordReplyView]] = {}  # answered message id -> reply, asker, view
+        self._none = asyncio.Event()  # set while no reply is live
+        self._none.set()
+
+    def __len__(self) -> int:
+        return len(self._replies)
 
     def add(self, source_id: int, reply: Reply, asker_id: int, view: DiscordReplyView) -> None:
         self._replies[source_id] = (reply, asker_id, view)
+        self._none.clear()
 
     def remove(self, source_id: int) -> None:
         self._replies.pop(source_id, None)
+        if not self._replies:
+            self._none.set()
+
+    async def wait_done(self, timeout_s: float) -> bool:
+        """Wait up to `timeout_s` for every live reply to end; True if they all did."""
+        try:
+            await asyncio.wait_for(self._none.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    async def interrupt_all(self) -> int:
+        """Interrupt every live reply (shutdown); returns how many there were."""
+        replies = [reply for reply, _, _ in self._replies.values()]
+        for reply in replies:
+            await reply.interrupt()
+        return len(replies)
 
     def get(self, source_id: int) -> tuple[Reply, int] | None:
         found = self._replies.get(source_id)
