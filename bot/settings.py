@@ -23,6 +23,16 @@ DEFAULT_SYSTEM_PROMPT = (
 )
 
 
+def _comma_separated_ids(value: object, what: str) -> object:
+    """"0, 1" from the environment as [0, 1]; anything else as given, for pydantic to check."""
+    if not isinstance(value, str):
+        return value
+    parts = [part.strip() for part in value.split(",") if part.strip()]
+    if not all(part.isdigit() for part in parts):
+        raise ValueError(f"must be comma-separated {what}")
+    return [int(part) for part in parts]
+
+
 class Settings(BaseSettings):
     """The process-wide configuration. Field names map to upper-case environment variables."""
 
@@ -47,12 +57,17 @@ class Settings(BaseSettings):
     # Sharding: None is one gateway connection; a number or "auto" runs discord.py's AutoShardedBot.
     shard_count: int | Literal["auto"] | None = None
     shard_ids: Annotated[list[int] | None, NoDecode] = None  # "0,1" in the environment
+    # Who may talk to the bot: direct messages at all, and users it ignores everywhere ("123,456").
+    allow_dms: bool = True
+    blocked_user_ids: Annotated[frozenset[int], NoDecode] = frozenset()
 
     # Storage: SQLite at DATABASE_PATH, unless DATABASE_URL names a PostgreSQL database (shared by processes on many
     # hosts), which then wins.
     database_path: Path = Path("llamacord.sqlite3")
     database_url: SecretStr | None = None
     history_limit: int = Field(default=100, ge=1, le=10_000)
+    # Stored messages older than this many days are deleted for good (archived ones too); 0 keeps everything.
+    retention_days: int = Field(default=0, ge=0, le=36_500)
 
     # Model
     model: str = DEFAULT_MODEL
@@ -141,12 +156,12 @@ class Settings(BaseSettings):
     @field_validator("shard_ids", mode="before")
     @classmethod
     def _parse_shard_ids(cls, value: object) -> object:
-        if not isinstance(value, str):
-            return value
-        parts = [part.strip() for part in value.split(",") if part.strip()]
-        if not all(part.isdigit() for part in parts):
-            raise ValueError("must be comma-separated shard ids, such as 0,1")
-        return [int(part) for part in parts]
+        return _comma_separated_ids(value, "shard ids, such as 0,1")
+
+    @field_validator("blocked_user_ids", mode="before")
+    @classmethod
+    def _parse_blocked_user_ids(cls, value: object) -> object:
+        return _comma_separated_ids(value, "Discord user ids, such as 80351110224678912,123456789012345678")
 
     @field_validator("shard_ids")
     @classmethod

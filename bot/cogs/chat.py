@@ -26,6 +26,8 @@ from contextlib import asynccontextmanager, suppress
 import discord
 from discord.ext import commands
 
+from bot.chat.access import may_talk, may_use
+from bot.chat.config import ChannelConfig
 from bot.chat.locks import ChannelLocks
 from bot.chat.notices import Notices
 from bot.chat.pipeline import Reply, Speaker, TurnPipeline, UserTurn
@@ -96,7 +98,7 @@ class ChatCog(commands.Cog):
     """Answers messages: mentions and replies to the bot in guild channels and threads, every message in DMs,
     and every message in channels whose reply mode is "all"."""
 
-    def __init__(self, bot: commands.Bot, pipeline: TurnPipeline, locks: ChannelLocks) -> None:
+    def __init__(self, bot: commands.Bot, pipeline: TurnPipeline, locks: ChannelLocks, live: LiveReplies) -> None:
         self.bot = bot
         self.pipeline = pipeline
         self.locks = locks
@@ -106,7 +108,7 @@ class ChatCog(commands.Cog):
         self._waiting: Counter[int] = Counter()  # channel id → messages waiting for its lock
         self.notices = Notices()
         self.closing = False  # shutting down: no new message is answered
-        self.live = LiveReplies()
+        self.live = live
         self.stop_button = stop_button_type(self.live)
 
     async def cog_load(self) -> None:
@@ -131,10 +133,15 @@ class ChatCog(commands.Cog):
         me = self.bot.user
         if me is None or self.closing or not is_conversation(message, me):
             return
+        if not may_use(self.settings, user_id=message.author.id, in_dm=message.guild is None):
+            return  # refused silently: a blocked user, or a DM when DMs are off
+        channel_id = message.channel.id
+        config = self.pipeline.configs.cached(channel_id)
+        if config is not None and not self._may_talk(message, config):
+            return
         addressed = self._addressed_at_once(message, me)
         if addressed is False:
             return  # chatter: not answered, so it does not wait for the channel either
-        channel_id = message.channel.id
         try:
             if self._waiting[channel_id] >= MAX_WAITING_PER_CHANNEL:
                 # Decided out of turn, which cannot reorder the history: this message is only told to retry.
@@ -145,7 +152,9 @@ class ChatCog(commands.Cog):
             async with self._turn(channel_id):
                 if self.closing:  # it waited for the channel while the bot began to shut down
                     return
-                if (addressed or await self._should_answer(message, me)) and self._may_post(message):
+                if not (addressed or await self._should_answer(message, me)):
+                    return
+                if self._may_talk(message, await self.pipeline.config(channel_id)) and self._may_post(message):
                     await self._answer(message, me)
         except Exception as error:
             self.metrics.count_error(error_kind(error))
@@ -153,14 +162,6 @@ class ChatCog(commands.Cog):
             text = f"Sorry: {error}" if isinstance(error, EngineError) and str(error) else ERROR_TEXT
             with suppress(discord.HTTPException):
                 await self._reply_short(message, text)
-
-    @commands.Cog.listener()
-    async def on_raw_message_delete(self, payload: discord.RawMessageDeleteEvent) -> None:
-        await self.live.deleted({payload.message_id})
-
-    @commands.Cog.listener()
-    async def on_raw_bulk_message_delete(self, payload: discord.RawBulkMessageDeleteEvent) -> None:
-        await self.live.deleted(set(payload.message_ids))
 
     @asynccontextmanager
     async def _turn(self, channel_id: int) -> AsyncIterator[None]:
@@ -203,6 +204,19 @@ class ChatCog(commands.Cog):
             return True
         replied_to = await self._replied_message(message)
         return replied_to is not None and replied_to.author.id == me.id
+
+    def _may_talk(self, message: discord.Message, config: ChannelConfig) -> bool:
+        """The access rules (`bot.chat.access`) for this message's author here; refusals are silent."""
+        author, channel = message.author, message.channel
+        member = isinstance(author, discord.Member)
+        return may_talk(
+            self.settings,
+            config,
+            user_id=author.id,
+            in_dm=message.guild is None,
+            role_ids=[role.id for role in author.roles] if member else [],
+            moderator=member and channel.permissions_for(author).manage_messages,  # type: ignore[arg-type]
+        )
 
     def _may_post(self, message: discord.Message) -> bool:
         if can_post(message):

@@ -60,6 +60,12 @@ class LiveReplies:
             return False
         return True
 
+    async def forget(self, asker_id: int, channel_id: int | None) -> None:
+        """/forget: the asker's replies in progress (in one channel, or everywhere with None) end and keep nothing."""
+        for reply, asker, view in list(self._replies.values()):
+            if asker == asker_id and channel_id in (None, view.source.channel.id):
+                await reply.drop(question=True)
+
     async def interrupt_all(self) -> int:
         """Interrupt every live reply (shutdown); returns how many there were."""
         replies = [reply for reply, _, _ in self._replies.values()]

@@ -50,13 +50,6 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 DISCORD_LIMIT = 2000
 
 
-@pytest.fixture
-async def bot(fake: FakeDiscord, engine: RecordingEngine, tmp_path: Path) -> AsyncIterator[RunningBot]:
-    # Greedy decoding: the tiny model's replies are then the same on every run.
-    async with running_bot(bot_settings(fake, tmp_path / "bot.sqlite3", temperature=0.0), engine) as bot:
-        yield bot
-
-
 def assert_no_pings(fake: FakeDiscord) -> None:
     bodies = message_bodies(fake)
     assert bodies, "the bot posted nothing"
