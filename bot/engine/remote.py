@@ -5,6 +5,9 @@ the model, its chat template and its batching. This side keeps what makes the bo
 
 - the token budget: `PromptBuilder` trims the conversation (oldest turns first) with the model's tokenizer when it
   loads offline here, else with `EstimatingTokenizer`'s conservative count; the kept messages are what is sent;
+- user text never becomes control tokens: every message is `Neutralizer`-ed before it is counted and again as it
+  leaves, so special-token text stays text on the server (the server renders the template and reads special tokens
+  in the result);
 - the busy limit: at most MAX_BATCH_SIZE requests stream from the server at once and MAX_QUEUED_REQUESTS more
   wait for one of those slots; past that, `generate()` raises `EngineBusyError` at once;
 - cancellation: each reply is read by a task of its own, so the Stop button (or leaving the loop, or shutdown)
@@ -34,6 +37,7 @@ from openai.types.chat import ChatCompletionChunk
 
 from bot.engine.api import EngineStats, FinishReason, Prompt, RequestTable, StreamBase
 from bot.engine.errors import SHUTTING_DOWN, EngineError, GenerationError
+from bot.engine.neutralize import Neutralizer
 from bot.engine.sampling import SamplingParams
 from bot.engine.templating import PromptBuilder, read_chat_template, tokenize_plain
 from bot.engine.token_estimate import BYTES_PER_TOKEN, EstimatingTokenizer
@@ -138,13 +142,14 @@ class RemoteEngine:
         max_queued_requests: int,
         tokenizer: Any | None = None,
     ) -> None:
-        """`tokenizer` is the model's own when it loaded here (for /tokenize), else None."""
+        """`tokenizer` is the model's own when it loaded here (for /tokenize and its special tokens), else None."""
         self._requests: RequestTable[RemoteRequestStream] = RequestTable(max_batch_size, max_queued_requests)
         self._client = client
         self._model = model
         self._prompt_builder = prompt_builder
         self._info = info
         self._tokenizer = tokenizer
+        self._neutralizer = Neutralizer.for_tokenizer(tokenizer)
         self._slots = asyncio.Semaphore(max_batch_size)
         self._background: set[asyncio.Task[None]] = set()
         self._running = True
@@ -226,8 +231,13 @@ class RemoteEngine:
         return tokenize_plain(self._tokenizer, text)
 
     async def prepare(self, messages: Sequence[Mapping[str, str]], max_new_tokens: int) -> Prompt:
-        """Trim the chat to the token budget, in a worker thread; `Prompt.messages` is what will be sent."""
-        return await asyncio.to_thread(self._prompt_builder.build, list(messages), max_new_tokens)
+        """Neutralise and trim the chat to the token budget, in a worker thread; `Prompt.messages` is what will be
+        sent, counted as the server will count it."""
+
+        def build() -> Prompt:
+            return self._prompt_builder.build(self._neutralizer.messages(messages), max_new_tokens)
+
+        return await asyncio.to_thread(build)
 
     def generate(self, prompt: Prompt, params: SamplingParams) -> RemoteRequestStream:
         """Send the request and return its stream at once. Raises `EngineBusyError` at once when the queue is full."""
@@ -237,7 +247,9 @@ class RemoteEngine:
             raise ValueError("the remote engine needs a Prompt from prepare(), with its messages")
         stream = RemoteRequestStream(f"llamacord-{uuid.uuid4().hex}", prompt.num_tokens, self._abort)
         self._requests.admit(stream)
-        stream._task = asyncio.create_task(self._run(stream, list(prompt.messages), params))
+        # Neutralised again whatever made the Prompt: this is where user text leaves (idempotent, a few ms at most).
+        messages = self._neutralizer.messages(prompt.messages)
+        stream._task = asyncio.create_task(self._run(stream, messages, params))
         return stream
 
     async def shutdown(self, drain_timeout_s: float = 0.0) -> None:
