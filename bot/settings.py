@@ -12,6 +12,7 @@ from typing import Annotated, Literal, get_args
 from pydantic import ByteSize, Field, SecretStr, TypeAdapter, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from bot.redaction import public_urls
 from storage import is_postgres_url
 from storage.models import MAX_NEW_TOKENS_RANGE, TEMPERATURE_RANGE, TOP_P_RANGE
 
@@ -213,7 +214,7 @@ def format_validation_error(error: ValidationError) -> str:
         given = problem.get("input")
         secret = _is_secret(str(problem["loc"][0])) if problem["loc"] else False
         hidden = secret or isinstance(given, dict) or given is None
-        shown = "" if hidden else f" (got {given!r})"
+        shown = "" if hidden else f" (got {public_urls(repr(given))})"
         lines.append(f"  {name}: {problem['msg']}{shown}")
     lines.append("Fix them in the environment or in .env; .env.example lists every setting.")
     return "\n".join(lines)

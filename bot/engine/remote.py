@@ -41,6 +41,7 @@ from bot.engine.neutralize import Neutralizer
 from bot.engine.sampling import SamplingParams
 from bot.engine.templating import PromptBuilder, read_chat_template, tokenize_plain
 from bot.engine.token_estimate import BYTES_PER_TOKEN, EstimatingTokenizer
+from bot.redaction import model_name, public_urls
 from bot.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ class ServedModel:
 class RemoteModelInfo:
     """What `/info` shows for a remote model: what the server reports, and how prompts are counted here."""
 
-    base_url: str
+    base_url: str  # OPENAI_BASE_URL without credentials or query (`public_urls`)
     model: str  # the name requests are sent with (OPENAI_MODEL, else MODEL)
     served: tuple[ServedModel, ...]  # from GET /v1/models; empty when the server could not be asked
     models_error: str | None  # why GET /v1/models failed, or None
@@ -75,17 +76,18 @@ class RemoteModelInfo:
 
     @property
     def source(self) -> str:
-        return f"{self.model} (remote, {self.base_url})"
+        return f"{model_name(self.model)} (remote, {self.base_url})"
 
     def lines(self) -> list[str]:
-        """Human-readable lines for a terminal or a Discord code block, as `ModelInfo.lines()`."""
+        """Human-readable lines for a terminal or a Discord code block, as `ModelInfo.lines()`; a model the server
+        names by a path shows as its last part (`model_name`)."""
         if self.models_error is not None:
             listed = f"unknown ({self.models_error})"
         else:
-            listed = ", ".join(served.id for served in self.served) or "none"
+            listed = ", ".join(model_name(served.id) for served in self.served) or "none"
         context = f"{self.context_length} tokens" if self.context_length else "not reported (MAX_PROMPT_TOKENS)"
         return [
-            f"model:          {self.model} (remote)",
+            f"model:          {model_name(self.model)} (remote)",
             f"server:         {self.base_url}",
             f"server models:  {listed}",
             f"context length: {context}",
@@ -158,6 +160,7 @@ class RemoteEngine:
     async def from_settings(cls, settings: Settings) -> RemoteEngine:
         """Connect to OPENAI_BASE_URL. A server that is down now is not fatal: requests fail until it is back."""
         model = (settings.openai_model or settings.model).strip()
+        base_url = public_urls(settings.openai_base_url)
         api_key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else NO_API_KEY
         client = AsyncOpenAI(
             base_url=settings.openai_base_url,
@@ -175,14 +178,14 @@ class RemoteEngine:
         if models_error is None and model not in {entry.id for entry in served}:
             log.warning(
                 "the server at %s does not list model %r (it lists %s); requests will likely fail",
-                settings.openai_base_url,
-                model,
-                ", ".join(entry.id for entry in served) or "none",
+                base_url,
+                model_name(model),
+                ", ".join(model_name(entry.id) for entry in served) or "none",
             )
         reported = next((entry.max_model_len for entry in served if entry.id == model), None)
         context_length = reported or (local.context_length if local else None)
         if local is not None:
-            tokenizer, counting = local.tokenizer, f"the model's tokenizer ({local.source})"
+            tokenizer, counting = local.tokenizer, f"the model's tokenizer ({model_name(model)}, loaded offline)"
         else:
             tokenizer, counting = None, f"estimate, 1 token per {BYTES_PER_TOKEN} UTF-8 bytes (no local tokenizer)"
         builder = PromptBuilder(
@@ -192,14 +195,14 @@ class RemoteEngine:
             chat_template=chat_template if tokenizer is not None else None,
         )
         info = RemoteModelInfo(
-            base_url=settings.openai_base_url,
+            base_url=base_url,
             model=model,
             served=served,
             models_error=models_error,
             context_length=context_length,
             token_counting=counting,
         )
-        log.info("remote model %s at %s; token counting: %s", model, settings.openai_base_url, counting)
+        log.info("remote model %s at %s; token counting: %s", model_name(model), base_url, counting)
         return cls(
             client,
             model=model,
@@ -415,7 +418,6 @@ def served_model(entry: Model) -> ServedModel:
 @dataclass(frozen=True, slots=True)
 class _LocalTokenizer:
     tokenizer: Any
-    source: str
     context_length: int | None
 
 
@@ -437,4 +439,4 @@ def _load_local_tokenizer(model: str, has_template: bool) -> _LocalTokenizer | N
         context_length = getattr(config.get_text_config(), "max_position_embeddings", None)
     except Exception:
         context_length = None
-    return _LocalTokenizer(tokenizer, f"{model}, loaded offline", context_length)
+    return _LocalTokenizer(tokenizer, context_length)

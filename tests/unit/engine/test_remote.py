@@ -11,6 +11,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx2
@@ -123,7 +124,9 @@ async def test_info_is_what_the_server_reports_and_says_remote(server: OpenAISer
         assert info.context_length == 2048  # the tiny model's config, read offline
         assert info.token_counting.startswith("the model's tokenizer")
         text = "\n".join(info.lines())
-        assert "(remote)" in text and server.base_url in text and server.model in text
+        assert "(remote)" in text and server.base_url in text
+        assert f"model:          {Path(server.model).name} (remote)" in text
+        assert server.model not in text, "the model's path on the host is shown"
         assert [text for _, text in engine.tokenize("hi there")]  # the real tokenizer is here for /tokenize
 
 
@@ -344,3 +347,18 @@ async def test_special_token_text_reaches_the_server_as_plain_text(
     assert control_ids(messages) == control_ids(same_turns(messages))  # only the template's own control tokens
     assert server_ids(messages) == prompt.token_ids  # exactly the local engine's reading: contents as plain text
     assert [message["content"].replace(BREAK, "") for message in messages] == [m["content"] for m in FORGED_CHAT]
+
+
+async def test_credentials_in_the_base_url_reach_the_server_but_are_never_shown(
+    server: OpenAIServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="bot.engine.remote")
+    with_credentials = server.base_url.replace("http://", "http://llamacord:hunter2@")
+    async with remote_engine(remote_settings(server, openai_base_url=with_credentials)) as engine:
+        text, _ = await reply(engine)
+        shown = [*engine.info.lines(), engine.info.source]
+    assert text
+    assert engine.info.base_url == server.base_url
+    ours = [record.getMessage() for record in caplog.records]
+    assert any(server.base_url in line for line in ours), "the start-up line names the server"
+    assert [line for line in [*shown, *ours] if "hunter2" in line or "llamacord:" in line] == []
