@@ -13,7 +13,8 @@ the model, its chat template and its batching. This side keeps what makes the bo
 - cancellation: each reply is read by a task of its own, so the Stop button (or leaving the loop, or shutdown)
   cancels that task, which closes the HTTP stream; the server sees the disconnect and aborts the generation;
 - errors: timeouts, refused connections, 4xx and 5xx replies and errors sent inside the stream end that one
-  request with a `GenerationError` whose `str()` is fit for users; the log gets the whole story.
+  request with a `GenerationError` whose `str()` is fit for users; the log gets the status and the server's request
+  id, and the server's own words only at DEBUG (a server may echo the request's text in them).
 
 No retries: a retry would hold a slot while the user waits on a server that just failed, and a load balancer in
 front of several replicas already moves on from a dead one.
@@ -307,7 +308,7 @@ class RemoteEngine:
             stream._finish(FinishReason.CANCELLED)
             raise
         except openai.OpenAIError as error:
-            log.error("remote request %s failed: %s", stream.request_id, _describe(error))
+            _log_failure(logging.ERROR, f"remote request {stream.request_id} failed", error)
             stream._finish(FinishReason.ERROR, GenerationError(user_message(error)))
         except httpx2.TransportError as error:  # mid-stream the client does not wrap these in its own errors
             log.error("remote request %s lost its connection: %r", stream.request_id, error)
@@ -367,7 +368,7 @@ def transport_message(error: httpx2.TransportError) -> str:
 
 
 def user_message(error: openai.OpenAIError) -> str:
-    """A short message for the user; `_describe` gives the log the details."""
+    """A short message for the user; `_log_failure` gives the log the details."""
     if isinstance(error, openai.APITimeoutError):
         return TIMED_OUT
     if isinstance(error, openai.APIConnectionError):
@@ -384,16 +385,31 @@ def user_message(error: openai.OpenAIError) -> str:
     return "The model server stopped with an error. Please try again."
 
 
+def _log_failure(level: int, what: str, error: openai.OpenAIError) -> None:
+    """`what` failed: the status, the server's request id or the connection error at `level`; the server's own words
+    only at DEBUG, cut short: some servers echo the request in them, and message content is only logged at DEBUG."""
+    words = _server_words(error)
+    hint = "; the server's answer is logged at DEBUG" if words else ""
+    log.log(level, "%s: %s%s", what, _describe(error), hint)
+    if words:
+        log.debug("%s: the server answered: %s", what, words[:LOGGED_BODY_CHARS])
+
+
 def _describe(error: openai.OpenAIError) -> str:
-    """The details for the log. The server's error body is cut short: some servers echo the request in it, and
-    message content is only logged at DEBUG."""
+    """What may be logged at any level: no text from the server."""
     if isinstance(error, openai.APIStatusError):
-        body = str(error.body or error.message)
-        return f"HTTP {error.status_code} (server request id {error.request_id}): {body[:LOGGED_BODY_CHARS]}"
-    if isinstance(error, openai.APIError):
+        return f"HTTP {error.status_code} (server request id {error.request_id})"
+    if isinstance(error, openai.APIConnectionError):  # the client's own words, and the connection's error
         cause = f" ({error.__cause__!r})" if error.__cause__ is not None else ""
-        return f"{type(error).__name__}: {error.message}{cause}; body: {str(error.body)[:LOGGED_BODY_CHARS]}"
-    return repr(error)
+        return f"{type(error).__name__}: {error.message}{cause}"
+    return type(error).__name__
+
+
+def _server_words(error: openai.OpenAIError) -> str | None:
+    """The server's error body or message, if it sent one."""
+    if isinstance(error, openai.APIConnectionError) or not isinstance(error, openai.APIError):
+        return None
+    return str(error.body or error.message)
 
 
 async def _list_models(client: AsyncOpenAI) -> tuple[tuple[ServedModel, ...], str | None]:
@@ -401,7 +417,7 @@ async def _list_models(client: AsyncOpenAI) -> tuple[tuple[ServedModel, ...], st
     try:
         page = await client.models.list()
     except openai.OpenAIError as error:
-        log.warning("cannot list the server's models: %s", _describe(error))
+        _log_failure(logging.WARNING, "cannot list the server's models", error)
         return (), user_message(error)
     return tuple(served_model(entry) for entry in page.data), None
 
