@@ -202,6 +202,12 @@ class Settings(BaseSettings):
     def _upper_log_level(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
 
+    def secret_values(self) -> list[str]:
+        """The value of every secret setting (the bot token, API keys, a database URL with its password): what the
+        logs must never show (`configure_logging`)."""
+        values = (getattr(self, name) for name in type(self).model_fields if _is_secret(name))
+        return [value.get_secret_value() for value in values if value is not None]
+
 
 class SettingsError(SystemExit):
     """Start-up stops here, with a message that names each bad setting."""

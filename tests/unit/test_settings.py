@@ -106,6 +106,13 @@ def test_a_bad_url_is_shown_without_its_credentials(monkeypatch: pytest.MonkeyPa
     assert "s3cret" not in message and "key=k" not in message
 
 
+def test_secret_values_are_every_secret_setting_that_is_set() -> None:
+    settings = load_settings(discord_token="bot-token", openai_api_key="api-key", hf_token=None)
+    assert sorted(settings.secret_values()) == ["api-key", "bot-token"]
+    with_database = load_settings(database_url="postgresql://u:pw@db/llamacord")
+    assert with_database.secret_values() == ["postgresql://u:pw@db/llamacord"]
+
+
 def test_sharding_is_off_by_default() -> None:
     settings = load_settings()
     assert settings.shard_count is None and settings.shard_ids is None
