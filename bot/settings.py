@@ -12,6 +12,7 @@ from typing import Annotated, Literal, get_args
 from pydantic import ByteSize, Field, SecretStr, TypeAdapter, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from bot.redaction import public_urls
 from storage import is_postgres_url
 from storage.models import MAX_NEW_TOKENS_RANGE, TEMPERATURE_RANGE, TOP_P_RANGE
 
@@ -24,7 +25,7 @@ DEFAULT_SYSTEM_PROMPT = (
 
 
 def _comma_separated_ids(value: object, what: str) -> object:
-    """"0, 1" from the environment as [0, 1]; anything else as given, for pydantic to check."""
+    """ "0, 1" from the environment as [0, 1]; anything else as given, for pydantic to check."""
     if not isinstance(value, str):
         return value
     parts = [part.strip() for part in value.split(",") if part.strip()]
@@ -219,6 +220,12 @@ class Settings(BaseSettings):
     def _upper_log_level(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
 
+    def secret_values(self) -> list[str]:
+        """The value of every secret setting (the bot token, API keys, a database URL with its password): what the
+        logs must never show (`configure_logging`)."""
+        values = (getattr(self, name) for name in type(self).model_fields if _is_secret(name))
+        return [value.get_secret_value() for value in values if value is not None]
+
 
 class SettingsError(SystemExit):
     """Start-up stops here, with a message that names each bad setting."""
@@ -231,7 +238,7 @@ def format_validation_error(error: ValidationError) -> str:
         given = problem.get("input")
         secret = _is_secret(str(problem["loc"][0])) if problem["loc"] else False
         hidden = secret or isinstance(given, dict) or given is None
-        shown = "" if hidden else f" (got {given!r})"
+        shown = "" if hidden else f" (got {public_urls(repr(given))})"
         lines.append(f"  {name}: {problem['msg']}{shown}")
     lines.append("Fix them in the environment or in .env; .env.example lists every setting.")
     return "\n".join(lines)

@@ -162,6 +162,7 @@ async def test_info_shows_the_model_and_the_queue(fake: FakeDiscord, bot: Runnin
     answer = await fake.wait_for_response(await fake.slash("info", user=fake.alice))
     embed = answer["embeds"][0]
     assert tiny_engine.info.source in embed["description"]
+    assert "/" + tiny_engine.info.source not in embed["description"], "the model's path on the host is shown"
     assert f"vocab size:     {tiny_engine.info.vocab_size}" in embed["description"]
     fields = embed_fields(answer)
     assert fields["Waiting"] == "0"
