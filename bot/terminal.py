@@ -198,7 +198,7 @@ class TerminalView:
         self.out.flush()
         self.printed = len(text)
 
-    async def finish(self, text: str) -> list[int]:
+    async def finish(self, text: str, *, retry: bool) -> list[int]:
         await self.show(text)
         self.out.write("\n")
         self.out.flush()
