@@ -41,6 +41,8 @@ class Settings(BaseSettings):
     dev_guild_id: int | None = None
     user_cooldown_seconds: float = Field(default=0.0, ge=0)
     edit_interval_seconds: float = Field(default=1.0, gt=0)
+    # This process's budget of REST requests a second, under Discord's global 50 (0: no pacing).
+    discord_requests_per_second: float = Field(default=40.0, ge=0)
     # Sharding: None is one gateway connection; a number or "auto" runs discord.py's AutoShardedBot.
     shard_count: int | Literal["auto"] | None = None
     shard_ids: Annotated[list[int] | None, NoDecode] = None  # "0,1" in the environment
