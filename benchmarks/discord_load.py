@@ -11,10 +11,13 @@ until every reply has ended. For each trial:
 
 - **requests/s peak**: the most requests with the bot token that reached the fake in any one second (429s
   included); **429s**: how many it refused;
-- **completed**: replies that ended normally (the others failed: discord.py gives up after five 429s in a row);
-- **first message**: from the message being sent to the POST that creates its reply (p50 and max);
-- **final edit**: from the message being sent to the reply's last request (p50 and max);
-- **edits a reply** and the mean **seconds between its edits**, and how many typing indicators were sent.
+- **completed**: replies that ended normally and were stored (the others failed: discord.py gives up after five
+  429s in a row);
+- **first message**: from the message being sent to the POST that creates its reply (p50 and max), for every reply
+  that posted one;
+- **final edit**: from the message being sent to the reply's last request (p50 and max), **characters**, **edits a
+  reply** and the mean **seconds between its edits**, for the completed replies;
+- how many typing indicators were sent.
 
 All times are `time.monotonic()` on one event loop; the fake stamps each REST call when it arrives.
 """
@@ -33,6 +36,7 @@ from collections.abc import Sequence
 from contextlib import suppress
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +44,7 @@ from benchmarks.bench import cpu_model, load_average, write_report
 from benchmarks.timing import percentile
 from bot.engine.local.executor import AsyncEngine
 from bot.metrics import ReplyOutcome
+from storage import Role
 from tests.support.bot_harness import bot_settings, eventually, lively_engine, reply_done, running_bot
 from tests.support.fake_discord import GLOBAL_LIMIT, FakeDiscord
 from tests.support.tiny_model import save_tiny_llama
@@ -74,20 +79,22 @@ def replies_ended(metrics: Any) -> dict[str, float]:
     return {str(outcome): count or 0.0 for outcome, count in counts.items()}
 
 
-def measure_trial(fake: FakeDiscord, asked: dict[int, float], start: int, completed: int, paced: bool) -> Trial:
-    """The figures of one trial from what reached the fake (its calls from index `start` on)."""
+def measure_trial(fake: FakeDiscord, asked: dict[int, float], completed: set[int], start: int, paced: bool) -> Trial:
+    """The figures of one trial from what reached the fake (its calls from index `start` on). The first message counts
+    for every reply that posted one (a reply that failed later included); the rest for the `completed` ones."""
     calls = fake.calls[start:]
     refused = {id(call) for call in fake.rate_limited}
     accepted = [call for call in calls if id(call) not in refused]
     first, final, edits, intervals, chars = [], [], [], [], []
     for message_id, sent_at in asked.items():
-        posted = fake.replies_to(message_id)
+        # The reply's first message came with its Stop button (an error notice comes without).
+        posted = [m for m in fake.replies_to(message_id) if fake.created_by[int(m["id"])].json.get("components")]
         if not posted:
             continue
         first_post = fake.created_by[int(posted[0]["id"])].time
         first.append(first_post - sent_at)
         done = reply_done(fake, message_id)
-        if done is None:
+        if message_id not in completed or done is None:
             continue
         paths = {f"/channels/{m['channel_id']}/messages/{m['id']}" for m in done}
         patches = [call.time for call in accepted if call.method == "PATCH" and call.path in paths]
@@ -101,7 +108,7 @@ def measure_trial(fake: FakeDiscord, asked: dict[int, float], start: int, comple
     return Trial(
         paced=paced,
         replies=len(asked),
-        completed=completed,
+        completed=len(completed),
         requests=sum(call.global_scope for call in calls),
         peak_per_s=fake.peak_rate(after=start),
         rate_limited=len(fake.rate_limited),
@@ -133,13 +140,18 @@ async def trial(engine: AsyncEngine, args: argparse.Namespace, scratch: Path, in
         )
         async with running_bot(settings, engine) as bot:
             start = len(fake.calls)
-            asked: dict[int, float] = {}
+            asked: dict[int, float] = {}  # message id -> when it was sent
+            channel_of: dict[int, int] = {}
 
             async def ask(number: int, channel_id: int) -> None:
                 sent_at = time.monotonic()
                 text = f"channel {number}: tell me a long story about llamas"  # the same in every trial (greedy)
                 message = await fake.send_message(fake.alice, text, channel_id=channel_id, mention_bot=True)
-                asked[int(message["id"])] = sent_at
+                asked[int(message["id"])], channel_of[int(message["id"])] = sent_at, channel_id
+
+            async def answered(channel_id: int) -> bool:
+                """Whether the reply completed: a failed one is not stored."""
+                return any(m.role is Role.ASSISTANT for m in await bot.store.load_history(channel_id, 10))
 
             await asyncio.gather(*(ask(number, channel_id) for number, channel_id in enumerate(channels)))
 
@@ -148,12 +160,11 @@ async def trial(engine: AsyncEngine, args: argparse.Namespace, scratch: Path, in
 
             with suppress(AssertionError):  # past the timeout, the replies still going count as not completed
                 await eventually(all_ended, timeout_s=args.timeout, what="every reply to end")
-            completed = int(replies_ended(bot.metrics)[ReplyOutcome.COMPLETED])
-            return measure_trial(fake, asked, start, completed, paced)
+            completed = {message_id for message_id, channel_id in channel_of.items() if await answered(channel_id)}
+            return measure_trial(fake, asked, completed, start, paced)
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    import discord
     import torch
     import transformers
 
@@ -183,7 +194,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "python": platform.python_version(),
             "torch": torch.__version__,
             "transformers": transformers.__version__,
-            "discord.py": discord.__version__,
+            "discord.py": metadata.version("discord.py"),
         },
         "settings": {key: str(value) for key, value in vars(args).items()},
         "summary": summary,
