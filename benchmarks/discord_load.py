@@ -15,8 +15,9 @@ until every reply has ended. For each trial:
   429s in a row);
 - **first message**: from the message being sent to the POST that creates its reply (p50 and max), for every reply
   that posted one;
-- **final edit**: from the message being sent to the reply's last request (p50 and max), **characters**, **edits a
-  reply** and the mean **seconds between its edits**, for the completed replies;
+- **final edit**: from the message being sent to the reply's last request, and **after the last token**: from the
+  engine's last token to that request (p50 and max), **characters**, **edits a reply** and the mean **seconds
+  between its edits**, for the completed replies;
 - how many typing indicators were sent.
 
 All times are `time.monotonic()` on one event loop; the fake stamps each REST call when it arrives.
@@ -41,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.bench import cpu_model, load_average, write_report
+from benchmarks.bot_overhead import TimedEngine
 from benchmarks.timing import percentile
 from bot.engine.local.executor import AsyncEngine
 from bot.metrics import ReplyOutcome
@@ -64,6 +66,8 @@ class Trial:
     first_message_max_s: float
     final_edit_p50_s: float
     final_edit_max_s: float
+    after_last_token_p50_s: float
+    after_last_token_max_s: float
     reply_chars: float
     edits_per_reply: float
     edit_interval_s: float
@@ -79,14 +83,26 @@ def replies_ended(metrics: Any) -> dict[str, float]:
     return {str(outcome): count or 0.0 for outcome, count in counts.items()}
 
 
-def measure_trial(fake: FakeDiscord, asked: dict[int, float], completed: set[int], start: int, paced: bool) -> Trial:
+@dataclass(frozen=True, slots=True)
+class Asked:
+    """A message sent to the bot: when, where, and its text (which finds its engine call)."""
+
+    sent_at: float
+    channel_id: int
+    text: str
+
+
+def measure_trial(
+    fake: FakeDiscord, engine: TimedEngine, asked: dict[int, Asked], completed: set[int], start: int, paced: bool
+) -> Trial:
     """The figures of one trial from what reached the fake (its calls from index `start` on). The first message counts
     for every reply that posted one (a reply that failed later included); the rest for the `completed` ones."""
     calls = fake.calls[start:]
     refused = {id(call) for call in fake.rate_limited}
     accepted = [call for call in calls if id(call) not in refused]
-    first, final, edits, intervals, chars = [], [], [], [], []
-    for message_id, sent_at in asked.items():
+    first, final, after_last, edits, intervals, chars = [], [], [], [], [], []
+    for message_id, message in asked.items():
+        sent_at = message.sent_at
         # The reply's first message came with its Stop button (an error notice comes without).
         posted = [m for m in fake.replies_to(message_id) if fake.created_by[int(m["id"])].json.get("components")]
         if not posted:
@@ -100,6 +116,8 @@ def measure_trial(fake: FakeDiscord, asked: dict[int, float], completed: set[int
         patches = [call.time for call in accepted if call.method == "PATCH" and call.path in paths]
         last = max([*(fake.created_by[int(m["id"])].time for m in done), *patches])
         final.append(last - sent_at)
+        call = next(call for key, call in engine.calls.items() if key.endswith(message.text))
+        after_last.append(last - (call.generate_at + call.stream.metrics.total_s))
         chars.append(sum(len(m["content"]) for m in done))
         edits.append(len(patches))
         if patches:
@@ -116,6 +134,8 @@ def measure_trial(fake: FakeDiscord, asked: dict[int, float], completed: set[int
         first_message_max_s=max(first, default=float("nan")),
         final_edit_p50_s=percentile(final, 50) if final else float("nan"),
         final_edit_max_s=max(final, default=float("nan")),
+        after_last_token_p50_s=percentile(after_last, 50) if after_last else float("nan"),
+        after_last_token_max_s=max(after_last, default=float("nan")),
         reply_chars=statistics.fmean(chars) if chars else 0.0,
         edits_per_reply=statistics.fmean(edits) if edits else 0.0,
         edit_interval_s=statistics.fmean(intervals) if intervals else float("nan"),
@@ -138,16 +158,16 @@ async def trial(engine: AsyncEngine, args: argparse.Namespace, scratch: Path, in
             max_active_per_user=args.channels,
             discord_requests_per_second=args.pace if paced else 0,
         )
-        async with running_bot(settings, engine) as bot:
+        timed = TimedEngine(engine)
+        async with running_bot(settings, timed) as bot:
             start = len(fake.calls)
-            asked: dict[int, float] = {}  # message id -> when it was sent
-            channel_of: dict[int, int] = {}
+            asked: dict[int, Asked] = {}  # by message id
 
             async def ask(number: int, channel_id: int) -> None:
                 sent_at = time.monotonic()
-                text = f"channel {number}: tell me a long story about llamas"  # the same in every trial (greedy)
+                text = f"[{number}] tell me a long story about llamas"  # the same in every trial (greedy)
                 message = await fake.send_message(fake.alice, text, channel_id=channel_id, mention_bot=True)
-                asked[int(message["id"])], channel_of[int(message["id"])] = sent_at, channel_id
+                asked[int(message["id"])] = Asked(sent_at, channel_id, text)
 
             async def answered(channel_id: int) -> bool:
                 """Whether the reply completed: a failed one is not stored."""
@@ -160,8 +180,8 @@ async def trial(engine: AsyncEngine, args: argparse.Namespace, scratch: Path, in
 
             with suppress(AssertionError):  # past the timeout, the replies still going count as not completed
                 await eventually(all_ended, timeout_s=args.timeout, what="every reply to end")
-            completed = {message_id for message_id, channel_id in channel_of.items() if await answered(channel_id)}
-            return measure_trial(fake, asked, completed, start, paced)
+            completed = {message_id for message_id, message in asked.items() if await answered(message.channel_id)}
+            return measure_trial(fake, timed, asked, completed, start, paced)
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -211,8 +231,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"the fake's global limit {settings['limit']}/s",
         "",
         "| pacing | requests/s peak | 429s | completed | first message p50 | first message max "
-        "| final edit p50 | final edit max | edits a reply | s between edits | typing sent |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| final edit p50 | final edit max | after the last token p50 | after the last token max | edits a reply "
+        "| s between edits | typing sent |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, label in (("before", "off (before)"), ("after", f"{settings['pace']}/s (after)")):
         row = report["summary"][name]
@@ -221,6 +242,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {row['completed']:.0f} of {row['replies']:.0f} "
             f"| {row['first_message_p50_s']:.2f} s | {row['first_message_max_s']:.2f} s "
             f"| {row['final_edit_p50_s']:.1f} s | {row['final_edit_max_s']:.1f} s "
+            f"| {row['after_last_token_p50_s']:.2f} s | {row['after_last_token_max_s']:.2f} s "
             f"| {row['edits_per_reply']:.1f} | {row['edit_interval_s']:.1f} | {row['typing_sent']:.0f} |"
         )
     return "\n".join(lines) + "\n"
