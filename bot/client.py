@@ -49,17 +49,25 @@ def use_discord_endpoints(api_base_url: str, gateway_url: str) -> None:
     discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(gateway_url)
 
 
+def removes_components(request: dict[str, Any]) -> bool:
+    """Whether a request's JSON body takes every component off the message (discord.py sends `view=None` so)."""
+    body = request.get("json")
+    return isinstance(body, dict) and body.get("components") == []
+
+
 def pace_requests(http: discord.http.HTTPClient, pacer: Pacer) -> None:
     """Make every REST request through `http` wait for its turn in `pacer` before discord.py sends it.
 
     `HTTPClient.request` is the one path of every call made with the bot token, which is what Discord's global
     limit counts. discord.py's own rate limiting stays: its per-route buckets and its handling of 429s run after
     the turn (a retry inside it takes no new turn; the room left under Discord's limit covers those). An edit of a
-    message is a streaming edit (a reply's growing text, its place in line, its final text), paced by channel,
-    where one reply streams at a time; a typing indicator goes only when no other request waits, since a late one
-    would show after the reply; everything else (a reply's first message, notices, reads, command sync) goes
-    first. Interaction responses and follow-ups never pass here: discord.py sends them through its webhook
-    adapter, and Discord does not count them toward the global limit, so a command's answer never waits.
+    message that keeps its components (a reply's growing text or its place in line, under the Stop button) is a
+    streaming edit, paced by channel, where one reply streams at a time; a typing indicator goes only when no other
+    request waits, since a late one would show after the reply; everything else goes first: a reply's first
+    message, the edit that takes its Stop button off (the reply is done: its end need not wait a round of the
+    others' edits), notices, reads, command sync. Interaction responses and follow-ups never pass here: discord.py
+    sends them through its webhook adapter, and Discord does not count them toward the global limit, so a command's
+    answer never waits.
     """
     send = http.request
 
@@ -67,7 +75,7 @@ def pace_requests(http: discord.http.HTTPClient, pacer: Pacer) -> None:
         if route.path == TYPING_ROUTE:
             if not await pacer.turn_if_idle():
                 return None  # skipped: the reply it announces is what the budget is for
-        elif route.method == "PATCH" and route.path == EDIT_ROUTE:
+        elif route.method == "PATCH" and route.path == EDIT_ROUTE and not removes_components(kwargs):
             await pacer.turn(Priority.EDIT, route.channel_id)
         else:
             await pacer.turn(Priority.FIRST)

@@ -6,8 +6,8 @@ under the limit beforehand, and decides whose request goes first when there is n
 
 - turns are spaced evenly, at most one per `1 / per_second` seconds (no bursts: a burst sent in one instant can
   reach Discord in the same second as the next one);
-- `FIRST` requests (a reply's first message, a busy notice, a read the bot waits on) go before `EDIT`s, so a new
-  reply is never held up by the replies already streaming;
+- `FIRST` requests (a reply's first message, the edit that ends a reply, a busy notice, a read the bot waits on)
+  go before `EDIT`s, so a new reply does not queue behind the edits of the replies already streaming;
 - edits take turns round-robin by stream, so each stream gets its share and, when many stream, each edits less
   often instead of the process sending more;
 - while both wait, every `EDIT_EVERY`-th turn goes to an edit anyway, so a flood of first messages slows the
@@ -28,8 +28,8 @@ EDIT_EVERY = 5
 
 
 class Priority(IntEnum):
-    FIRST = 0  # everything that is not a streaming edit: new messages, notices, reads, command sync
-    EDIT = 1  # an edit of a message being streamed
+    FIRST = 0  # everything that is not a streaming edit: new messages, the edit that ends a reply, notices, reads
+    EDIT = 1  # an edit of a message while it streams
 
 
 class Pacer:

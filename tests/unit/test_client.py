@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import discord
 from discord.http import HTTPClient, Route, handle_message_parameters
 
 from bot.client import pace_requests
@@ -35,6 +36,18 @@ async def test_messages_go_before_edits_that_waited_longer() -> None:
     async with asyncio.timeout(5):
         await asyncio.gather(*requests)
     assert http.sent == ["GET None", "POST 3", "PATCH 1", "PATCH 2"]  # type: ignore[attr-defined]
+
+
+async def test_the_edit_that_ends_a_reply_goes_before_streaming_edits() -> None:
+    http = paced_http()
+    await http.get_user(1)
+    stop = discord.ui.View(timeout=None)
+    stop.add_item(discord.ui.Button(label="Stop", custom_id="stop"))
+    streaming = handle_message_parameters(content="so far", view=stop)
+    done = handle_message_parameters(content="the end", view=None)  # the button comes off: the reply is done
+    async with asyncio.timeout(5):
+        await asyncio.gather(http.edit_message(1, 10, params=streaming), http.edit_message(2, 20, params=done))
+    assert http.sent == ["GET None", "PATCH 2", "PATCH 1"]  # type: ignore[attr-defined]
 
 
 async def test_a_request_goes_through_unchanged() -> None:
