@@ -4,6 +4,9 @@ syncs the slash commands.
 
 `create_bot` picks the class from SHARD_COUNT: `LlamacordBot` (one gateway connection) or `ShardedLlamacordBot`,
 the same bot on discord.py's `AutoShardedBot`, which runs several shards over one connection each in this process.
+
+Every REST request of the bot takes its turn in one `Pacer` (DISCORD_REQUESTS_PER_SECOND) before discord.py sends
+it, all shards of the process together: `pace_requests` says which request is which.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from discord.ext import commands
 from bot.cogs.chat import ChatCog
 from bot.cogs.common import Denied, respond
 from bot.engine.errors import EngineError
+from bot.pacing import Pacer, Priority
 from bot.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -27,6 +31,10 @@ log = logging.getLogger(__name__)
 COMMAND_FAILED = "Something went wrong running that command. It has been logged; please try again."
 
 CogFactory = Callable[[commands.Bot], Iterable[commands.Cog]]
+
+# discord.py's route templates (`Route.path`) of the requests paced apart from the rest.
+EDIT_ROUTE = "/channels/{channel_id}/messages/{message_id}"
+TYPING_ROUTE = "/channels/{channel_id}/typing"
 
 
 def use_discord_endpoints(api_base_url: str, gateway_url: str) -> None:
@@ -40,6 +48,41 @@ def use_discord_endpoints(api_base_url: str, gateway_url: str) -> None:
     """
     discord.http.Route.BASE = api_base_url.rstrip("/")
     discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(gateway_url)
+
+
+def removes_components(request: dict[str, Any]) -> bool:
+    """Whether a request's JSON body takes every component off the message (discord.py sends `view=None` so)."""
+    body = request.get("json")
+    return isinstance(body, dict) and body.get("components") == []
+
+
+def pace_requests(http: discord.http.HTTPClient, pacer: Pacer) -> None:
+    """Make every REST request through `http` wait for its turn in `pacer` before discord.py sends it.
+
+    `HTTPClient.request` is the one path of every call made with the bot token, which is what Discord's global
+    limit counts. discord.py's own rate limiting stays: its per-route buckets and its handling of 429s run after
+    the turn (a retry inside it takes no new turn; the room left under Discord's limit covers those). An edit of a
+    message that keeps its components (a reply's growing text or its place in line, under the Stop button) is a
+    streaming edit, paced by channel, where one reply streams at a time; a typing indicator goes only when no other
+    request waits, since a late one would show after the reply; everything else goes first: a reply's first
+    message, the edit that takes its Stop button off (the reply is done: its end need not wait a round of the
+    others' edits), notices, reads, command sync. Interaction responses and follow-ups never pass here: discord.py
+    sends them through its webhook adapter, and Discord does not count them toward the global limit, so a command's
+    answer never waits.
+    """
+    send = http.request
+
+    async def request(route: discord.http.Route, **kwargs: Any) -> Any:
+        if route.path == TYPING_ROUTE:
+            if not await pacer.turn_if_idle():
+                return None  # skipped: the reply it announces is what the budget is for
+        elif route.method == "PATCH" and route.path == EDIT_ROUTE and not removes_components(kwargs):
+            await pacer.turn(Priority.EDIT, route.channel_id)
+        else:
+            await pacer.turn(Priority.FIRST)
+        return await send(route, **kwargs)
+
+    http.request = request  # type: ignore[method-assign]
 
 
 class LlamacordBot(commands.Bot):
@@ -66,6 +109,10 @@ class LlamacordBot(commands.Bot):
         )
         use_discord_endpoints(settings.discord_api_base_url, settings.discord_gateway_url)
         self.settings = settings
+        self.pacer: Pacer | None = None
+        if settings.discord_requests_per_second > 0:
+            self.pacer = Pacer(settings.discord_requests_per_second)
+            pace_requests(self.http, self.pacer)
         self._make_cogs = cogs
         self.tree.error(self._on_app_command_error)
 

@@ -55,6 +55,8 @@ class Settings(BaseSettings):
     # On SIGTERM, how long replies in progress may finish before the rest are interrupted: within `docker stop`'s
     # 10 seconds, with time left to edit and store the interrupted ones.
     shutdown_grace_seconds: float = Field(default=5.0, ge=0)
+    # This process's budget of REST requests a second, under Discord's global 50 (0: no pacing).
+    discord_requests_per_second: float = Field(default=40.0, ge=0)
     # Sharding: None is one gateway connection; a number or "auto" runs discord.py's AutoShardedBot.
     shard_count: int | Literal["auto"] | None = None
     shard_ids: Annotated[list[int] | None, NoDecode] = None  # "0,1" in the environment

@@ -173,6 +173,9 @@ class ChatCog(commands.Cog):
                 if self._may_talk(message, await self.pipeline.config(channel_id)) and self._may_post(message):
                     await self._answer(message, me)
         except Exception as error:
+            if self.bot.is_closed():  # the connection closed under it (a hard stop): nobody to tell, nothing failed
+                log.debug("message %s: the bot closed while answering", message.id, exc_info=True)
+                return
             self.metrics.count_error(error_kind(error))
             log.exception("answering message %s in channel %s failed", message.id, channel_id)
             text = f"Sorry: {error}" if isinstance(error, EngineError) and str(error) else ERROR_TEXT
@@ -293,9 +296,7 @@ class ChatCog(commands.Cog):
         except EngineBusyError as busy:
             await self._tell_busy(message, "engine busy", str(busy))
         finally:
-            self.live.remove(message.id)
-            for shown in views:
-                await self._offer_retry(message.channel.id, shown)
+            await self._settle(message.id, message.channel.id, views)
 
     def _view(
         self,
@@ -314,6 +315,16 @@ class ChatCog(commands.Cog):
         )
         self.live.add(source.id, reply, asker_id, shown)
         return shown
+
+    async def _settle(self, source_id: int, channel_id: int, views: list[DiscordReplyView]) -> None:
+        """A reply's last touches: messages a retry no longer needs go, Retry moves to it. It counts as live until
+        they are done, so a graceful shutdown waits for these requests too."""
+        try:
+            for shown in views:
+                await shown.delete_surplus()
+                await self._offer_retry(channel_id, shown)
+        finally:
+            self.live.remove(source_id)
 
     async def _offer_retry(self, channel_id: int, view: DiscordReplyView) -> None:
         """A reply ended with the Retry button: take it off the channel's previous newest reply."""
@@ -385,10 +396,7 @@ class ChatCog(commands.Cog):
         except EngineBusyError as busy:
             await interaction.followup.send(str(busy), ephemeral=True)
         finally:
-            self.live.remove(source.id)
-            for shown in views:
-                await shown.delete_surplus()
-                await self._offer_retry(channel.id, shown)
+            await self._settle(source.id, channel.id, views)
 
     async def _tell_busy(self, message: discord.Message, why: str, text: str = BUSY_MESSAGE) -> None:
         self.metrics.count_error(ErrorKind.BUSY)

@@ -28,6 +28,7 @@ LAYERS: dict[str, int] = {
     "bot.cogs": ADAPTER,
     "bot.terminal": ADAPTER,
     "bot.replies": ADAPTER,
+    "bot.pacing": ADAPTER,
     "bot.chat": PIPELINE,
     "bot.engine": ENGINE_API,  # the package, api, errors, sampling, templating, token_estimate, neutralize
     "bot.engine.local": ENGINES,

@@ -15,6 +15,12 @@ One aiohttp app serves both halves on a random port:
 - Discord's limits: a message body whose content is over 2,000 characters, or whose embeds break an embed limit
   (title 256, description 4,096, field name 256, field value 1,024, 6,000 in all), is answered 400 with Discord's
   "Invalid Form Body" error (code 50035) and listed in `rejected`, so no test passes with what Discord would refuse.
+- Discord's global rate limit: more than `global_limit` (default 50, Discord's) requests authenticated with the
+  bot token in any one second are answered 429 as Discord answers them (`"global": true`, `retry_after`, the
+  `X-RateLimit-Global`, `X-RateLimit-Scope` and `Retry-After` headers, and `Via`, by which discord.py tells
+  Discord's 429 from a Cloudflare ban) and listed in `rate_limited`; `peak_rate` is the most such requests in any
+  one second. Interaction callbacks and webhooks authenticate with their token instead and do not count, as on
+  Discord. `global_limit=None` turns the limit off.
 - Deferred interaction responses as Discord has them: the first follow-up after a deferral replaces the loading
   message and keeps the deferral's visibility (its own ephemeral flag is ignored).
 - Deletions and edits as Discord sends them: `delete_message` and `bulk_delete` remove messages and send
@@ -37,9 +43,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import math
 import re
 import time
 import urllib.parse
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -89,6 +97,9 @@ EMBED_FIELD_LIMITS = {"name": 256, "value": 1024}
 EMBED_TOTAL_LIMIT = 6000  # titles, descriptions, field names and values, footer texts and author names, all embeds
 INVALID_FORM_BODY = 50035
 UNKNOWN_MESSAGE, MISSING_PERMISSIONS = 10008, 50013
+# Discord's global rate limit: requests per bot token in any window of this many seconds.
+GLOBAL_LIMIT = 50
+GLOBAL_WINDOW_S = 1.0
 
 
 def _now_iso() -> str:
@@ -144,6 +155,7 @@ class RestCall:
     query: dict[str, str]
     json: Any
     time: float  # time.monotonic() when it arrived
+    global_scope: bool = False  # made with the bot token, so it counts toward the global rate limit
 
     def matches(self, method: str, path: str | re.Pattern[str]) -> bool:
         if self.method != method:
@@ -200,7 +212,7 @@ class FakeDiscord:
     """The fake server. `async with FakeDiscord() as discord:` starts it; `api_base_url` and `gateway_url`
     are the values for DISCORD_API_BASE_URL and DISCORD_GATEWAY_URL."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, global_limit: int | None = GLOBAL_LIMIT) -> None:
         self._ids = itertools.count(1)
         self.guild_id = self.snowflake()
         self.guilds: dict[int, str] = {self.guild_id: "Llama Farm"}  # every guild the bot is in, by id: its name
@@ -229,6 +241,8 @@ class FakeDiscord:
 
         self.calls: list[RestCall] = []
         self.rejected: list[RestCall] = []  # calls answered 400 for breaking Discord's message limits
+        self.global_limit = global_limit  # requests a second with the bot token; None: no limit (tests may change it)
+        self.rate_limited: list[RestCall] = []  # calls answered 429 for going over the global limit
         self.gateway_events: list[dict[str, Any]] = []  # what clients sent on the gateway (IDENTIFY, ...)
         self.commands: dict[int | None, list[dict[str, Any]]] = {}  # synced commands by guild id (None: global)
         self.messages: dict[int, dict[str, Any]] = {}  # every message, by id, as it stands after edits
@@ -244,6 +258,7 @@ class FakeDiscord:
 
         self._sockets: dict[web.WebSocketResponse, tuple[int, int] | None] = {}  # identified ones: [id, count]
         self._sequence = 0
+        self._global_window: deque[float] = deque()  # arrival times of the accepted global-scope calls, last second
         self._changed = asyncio.Condition()
         self._runner: web.AppRunner | None = None
         self.port = 0
@@ -838,16 +853,18 @@ class FakeDiscord:
         if request.can_read_body:
             text = await request.text()
             body = json.loads(text) if text and request.content_type == "application/json" else text or None
-        call = RestCall(request.method, path, dict(request.query), body, time.monotonic())
+        # Interaction callbacks and webhooks authenticate with their token in the path, everything else with the
+        # bot token, which is what the global rate limit counts (interaction endpoints are exempt from it).
+        bot_token = request.headers.get("Authorization") == f"Bot {self.token}"
+        global_scope = bot_token and not path.startswith("/interactions/")
+        call = RestCall(request.method, path, dict(request.query), body, time.monotonic(), global_scope)
         self.calls.append(call)
         try:
-            # Interaction callbacks and webhooks authenticate with their token in the path, everything else with
-            # the bot token.
-            if (
-                not path.startswith(("/interactions/", "/webhooks/"))
-                and request.headers.get("Authorization") != f"Bot {self.token}"
-            ):
+            if not path.startswith(("/interactions/", "/webhooks/")) and not bot_token:
                 return json_response({"message": "401: Unauthorized", "code": 0}, status=401)
+            if global_scope and (retry_after := self._over_global_limit(call.time)) is not None:
+                self.rate_limited.append(call)
+                return self._rate_limited_response(retry_after)
             if errors := self._form_errors(call):
                 self.rejected.append(call)
                 payload = {"message": "Invalid Form Body", "code": INVALID_FORM_BODY, "errors": errors}
@@ -913,6 +930,42 @@ class FakeDiscord:
         if match := re.fullmatch(rf"/webhooks/{app}/([^/]+)(?:/messages/(@original|\d+))?", path):
             return self._webhook(method, match[1], match[2], body)
         return json_response({"message": f"404: Not Found ({method} {path})", "code": 0}, status=404)
+
+    def _over_global_limit(self, now: float) -> float | None:
+        """Seconds until a request may go, when one arriving `now` would be over the global limit; else None, and
+        it counts. Only accepted requests fill the window, so a client that waits out `retry_after` gets through."""
+        window = self._global_window
+        while window and window[0] <= now - GLOBAL_WINDOW_S:
+            window.popleft()
+        if self.global_limit is not None and len(window) >= self.global_limit:
+            return window[0] + GLOBAL_WINDOW_S - now
+        window.append(now)
+        return None
+
+    @staticmethod
+    def _rate_limited_response(retry_after: float) -> web.Response:
+        """Discord's answer to a request over the global limit."""
+        payload = {"message": "You are being rate limited.", "retry_after": round(retry_after, 3), "global": True}
+        response = json_response(payload, status=429)
+        response.headers.update(
+            {
+                "X-RateLimit-Global": "true",
+                "X-RateLimit-Scope": "global",
+                "Retry-After": str(math.ceil(retry_after)),
+                "Via": "1.1 google",
+            }
+        )
+        return response
+
+    def peak_rate(self, *, after: int = 0) -> int:
+        """The most global-scope requests (429s included) that arrived in any one second, among calls[after:]."""
+        times = [call.time for call in self.calls[after:] if call.global_scope]
+        peak, start = 0, 0
+        for end, arrived in enumerate(times):
+            while times[start] <= arrived - GLOBAL_WINDOW_S:
+                start += 1
+            peak = max(peak, end - start + 1)
+        return peak
 
     @staticmethod
     def _form_errors(call: RestCall) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import aiohttp
 import discord
 import pytest
 import yarl
@@ -71,3 +72,55 @@ async def test_wait_for_call_times_out_with_a_clear_error() -> None:
     async with FakeDiscord() as fake:
         with pytest.raises(AssertionError, match=re.escape("timed out after 0.05s waiting for GET /nothing")):
             await fake.wait_for_call("GET", "/nothing", timeout_s=0.05)
+
+
+async def test_more_than_the_global_limit_in_a_second_is_answered_as_discord_does() -> None:
+    async with FakeDiscord(global_limit=3) as fake, aiohttp.ClientSession() as session:
+        bot = {"Authorization": f"Bot {BOT_TOKEN}"}
+        url = f"{fake.api_base_url}/users/@me"
+        statuses = []
+        for _ in range(4):
+            async with session.get(url, headers=bot) as response:
+                statuses.append(response.status)
+                last, headers = await response.json(), response.headers
+        assert statuses == [200, 200, 200, 429]
+        assert last["message"] == "You are being rate limited." and last["global"] is True
+        assert 0 < last["retry_after"] <= 1.0
+        assert headers["X-RateLimit-Global"] == "true" and headers["X-RateLimit-Scope"] == "global"
+        assert int(headers["Retry-After"]) >= last["retry_after"] and "Via" in headers
+        assert [call.path for call in fake.rate_limited] == ["/users/@me"]
+        assert fake.peak_rate() == 4  # the rejected request was sent too
+
+        # Interaction callbacks are not bound by the global limit; a request after the window has passed is fine.
+        async with session.post(f"{fake.api_base_url}/interactions/1/unknown/callback", json={}) as response:
+            assert response.status != 429
+        await asyncio.sleep(last["retry_after"])
+        async with session.get(url, headers=bot) as response:
+            assert response.status == 200
+
+
+async def test_the_global_limit_can_be_turned_off() -> None:
+    async with FakeDiscord(global_limit=None) as fake, aiohttp.ClientSession() as session:
+        for _ in range(60):
+            async with session.get(f"{fake.api_base_url}/users/@me", headers={"Authorization": f"Bot {BOT_TOKEN}"}):
+                pass
+        assert fake.rate_limited == [] and fake.peak_rate() == 60
+
+
+async def test_discord_py_waits_out_a_global_429_and_retries() -> None:
+    client = discord.Client(intents=discord.Intents.default(), guild_ready_timeout=0.05)
+    async with FakeDiscord(global_limit=3) as fake:
+        with pointed_at(fake):
+            async with running(client):
+                channel = client.get_channel(fake.general_id)
+                assert isinstance(channel, discord.TextChannel)
+                start = len(fake.calls)
+                async with asyncio.timeout(10):
+                    sent = await asyncio.gather(*(channel.send(f"message {i}") for i in range(8)))
+        assert len({message.id for message in sent}) == 8
+        assert fake.rate_limited, "8 requests at once under a limit of 3 a second were never refused"
+        assert fake.peak_rate(after=start) > 3  # sent: the 429s count here ...
+        refused = {id(call) for call in fake.rate_limited}
+        accepted = [call.time for call in fake.calls[start:] if call.global_scope and id(call) not in refused]
+        # ... but no more than 3 were accepted in any second.
+        assert all(sum(t <= other < t + 1 for other in accepted) <= 3 for t in accepted)

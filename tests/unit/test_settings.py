@@ -35,6 +35,7 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         ("LOG_LEVEL", "LOUD"),
         ("METRICS_PORT", "70000"),
         ("MAX_BATCH_SIZE", "0"),
+        ("DISCORD_REQUESTS_PER_SECOND", "-5"),
     ],
 )
 def test_an_invalid_environment_value_exits_naming_the_setting(
