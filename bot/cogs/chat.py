@@ -17,7 +17,6 @@ by `bot.cogs.replying`.
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -29,6 +28,7 @@ from discord.ext import commands
 from bot.chat.locks import ChannelLocks
 from bot.chat.notices import Notices
 from bot.chat.pipeline import Reply, Speaker, TurnPipeline, UserTurn
+from bot.cogs.reading import prompt_text, read_turn
 from bot.cogs.replying import NO_PINGS, DiscordReplyView, LiveReplies, stop_button_type
 from bot.engine.errors import BUSY_MESSAGE, EngineBusyError, EngineError
 from bot.metrics import ErrorKind, ReplyOutcome
@@ -62,22 +62,15 @@ def error_kind(error: Exception) -> ErrorKind:
     return ErrorKind.INTERNAL
 
 
-def prompt_text(message: discord.Message, me: discord.abc.User) -> str:
-    """The message as the model should read it: the bot's own mention removed, other mentions as @names."""
-    text = re.sub(rf"<@!?{me.id}>", "", message.content)
-    for user in message.mentions:
-        text = text.replace(f"<@{user.id}>", f"@{user.display_name}").replace(f"<@!{user.id}>", f"@{user.display_name}")
-    return text.strip()
-
-
 def is_conversation(message: discord.Message, me: discord.abc.User) -> bool:
     """The checks that need no I/O: a human's ordinary message with something to answer once the bot's mention is
-    removed. Bots (this one included), webhooks and system messages (joins, pins, boosts, ...) are not."""
+    removed (text, or a file). Bots (this one included), webhooks and system messages (joins, pins, boosts, ...)
+    are not."""
     return (
         not message.author.bot
         and message.webhook_id is None
         and message.type in CONVERSATION_TYPES
-        and bool(prompt_text(message, me))
+        and bool(prompt_text(message, me) or message.attachments)
     )
 
 
@@ -245,7 +238,7 @@ class ChatCog(commands.Cog):
             return
         turn = UserTurn(
             channel_id=message.channel.id,
-            content=prompt_text(message, me),
+            content=await read_turn(message, me, self.settings),
             speaker=Speaker(message.author.id, message.author.display_name),
             message_id=message.id,
             server=message.guild.id if message.guild is not None else None,
