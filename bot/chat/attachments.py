@@ -76,8 +76,9 @@ def media_type(content_type: str | None) -> str:
 
 
 def is_text(name: str, content_type: str | None) -> bool:
-    """Whether the file is worth reading as text. The extension counts even when the type says otherwise: Discord
-    calls a TypeScript file `.ts` an MPEG video (what is not text after all is caught by `decode`)."""
+    """Whether the file is worth reading as text. The extension counts even when the type says otherwise: a type
+    guessed from the extension can be wrong (the usual tables make `.ts`, TypeScript to most, an MPEG video); what
+    is not text after all is caught by `decode`."""
     kind = media_type(content_type)
     structured = kind.startswith("application/") and kind.endswith(("+json", "+xml"))
     return extension(name) in TEXT_EXTENSIONS or kind.startswith("text/") or kind in TEXT_CONTENT_TYPES or structured

@@ -39,7 +39,7 @@ LIMIT = 65_536
         ("config", "application/x-yaml"),
         ("Dockerfile", None),
         (".gitignore", None),
-        ("app.ts", "video/mp2t"),  # Discord's guess for TypeScript: the extension wins
+        ("app.ts", "video/mp2t"),  # the usual tables' guess for TypeScript: the extension wins
         ("strange.bin", "text/plain"),  # the type wins too
     ],
 )
