@@ -84,7 +84,7 @@ class FirstTokenView:
         if self.first_at is None:
             self.first_at = perf_counter()
 
-    async def finish(self, text: str) -> list[int]:
+    async def finish(self, text: str, *, retry: bool) -> list[int]:
         await self.show(text)
         return []
 

@@ -60,7 +60,7 @@ def run_bot(settings: Settings) -> None:
     if settings.discord_token is None or not settings.discord_token.get_secret_value().strip():
         sys.exit(NO_TOKEN)
     # Before anything logs. Ours is the only handler: discord.py installs its own only in `Client.run`, not used here.
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, secrets=settings.secret_values())
     with suppress(KeyboardInterrupt, asyncio.CancelledError):
         asyncio.run(_serve_until_signalled(settings))
 

@@ -4,7 +4,9 @@ logfmt (`key=value`, values with spaces or quotes JSON-quoted) reads well in `jo
 parses in Loki, Vector and friends. Values passed with `extra={...}` become fields of the line. A record is always
 one line, tracebacks included, so a message can never forge a log line.
 
-Privacy: message content is logged only at DEBUG. The reply line carries numbers and ids, never text.
+Privacy: message content is logged only at DEBUG. The reply line carries numbers and ids, never text. Secrets are
+never logged, at any level: `Redactor` takes them out of every record (message, arguments, fields, traceback)
+before it is written.
 """
 
 from __future__ import annotations
@@ -13,8 +15,11 @@ import json
 import logging
 import re
 import sys
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, TextIO
+
+from bot.redaction import public_urls
 
 if TYPE_CHECKING:
     from bot.engine.api import RequestMetrics
@@ -24,8 +29,9 @@ REPLY_LOGGER = "llamacord.reply"
 # Attributes every LogRecord has; anything else on a record came from `extra=` and is logged as a field.
 _RECORD_ATTRIBUTES = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
 _BARE_VALUE = re.compile(r'[^\s="\\]+')
-# Libraries that log every HTTP request at INFO (huggingface_hub's downloads go through httpx).
-_CHATTY_LOGGERS = ("httpx", "ContinuousBatchingLogger")
+# Libraries that log every HTTP request at INFO (huggingface_hub's downloads go through httpx, the OpenAI client's
+# requests through httpx2).
+_CHATTY_LOGGERS = ("httpx", "httpx2", "ContinuousBatchingLogger")
 # transformers' continuous batching gives its logger a handler of its own and stops propagation; we take it back so
 # its lines come out in our format and at our level.
 _OWN_HANDLER_LOGGERS = ("ContinuousBatchingLogger",)
@@ -44,8 +50,10 @@ class LogfmtFormatter(logging.Formatter):
         for key, value in record.__dict__.items():
             if key not in _RECORD_ATTRIBUTES and key not in fields:
                 fields[key] = value
-        if record.exc_info:
-            fields["exc"] = self.formatException(record.exc_info)
+        # exc_text: the traceback as `Redactor` left it
+        exc = record.exc_text or (self.formatException(record.exc_info) if record.exc_info else None)
+        if exc:
+            fields["exc"] = exc
         if record.stack_info:
             fields["stack"] = self.formatStack(record.stack_info)
         return " ".join(f"{key}={_format_value(value)}" for key, value in fields.items())
@@ -62,12 +70,55 @@ def _format_value(value: object) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
+REDACTED = "[redacted]"
+# An interaction's token lets anyone answer in its name for 15 minutes. discord.py logs it at DEBUG in the callback
+# and webhook URLs (`/interactions/<id>/<token>/callback`, `/webhooks/<application id>/<token>/...`) and in the
+# gateway's INTERACTION_CREATE events (`'token': '...'`).
+_INTERACTION_TOKEN_IN_URL = re.compile(r"(/(?:interactions|webhooks)/\d+/)[^/?#\s'\"]+")
+_TOKEN_FIELD = re.compile(r"""(['"]\w*token['"]\s*:\s*['"])[^'"]+""")
+
+
+class Redactor(logging.Filter):
+    """Takes secrets out of every record it sees: the given ones (the bot token, API keys: `Settings.secret_values`),
+    interaction tokens, and user:password and query strings from URLs (`public_urls`). It rewrites the record, so
+    handlers after it see the redacted record too."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        super().__init__()
+        self._secrets = sorted({secret for secret in secrets if secret.strip()}, key=len, reverse=True)
+
+    def redact(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, REDACTED)
+        text = _INTERACTION_TOKEN_IN_URL.sub(rf"\g<1>{REDACTED}", text)
+        text = _TOKEN_FIELD.sub(rf"\g<1>{REDACTED}", text)
+        return public_urls(text)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # arguments that do not fit the message: keep both, redacted, rather than fail the call
+            message = f"{record.msg} {record.args!r}"
+        record.msg, record.args = self.redact(message), None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = self.redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = self.redact(record.stack_info)
+        for key, value in record.__dict__.items():
+            if key not in _RECORD_ATTRIBUTES and isinstance(value, str):
+                record.__dict__[key] = self.redact(value)
+        return True
+
+
 class _Handler(logging.StreamHandler[TextIO]):
     """Marks the handler `configure_logging` installed, so a second call replaces it instead of doubling lines."""
 
 
-def configure_logging(level: str, stream: TextIO | None = None) -> None:
-    """Send every logger's records at `level` (LOG_LEVEL) and above to `stream` (stderr) as logfmt lines.
+def configure_logging(level: str, stream: TextIO | None = None, secrets: Iterable[str] = ()) -> None:
+    """Send every logger's records at `level` (LOG_LEVEL) and above to `stream` (stderr) as logfmt lines, with
+    `secrets` (`Settings.secret_values()`) and interaction tokens redacted.
 
     Handlers that others installed on the root logger (pytest's, for one) are left in place.
     """
@@ -76,6 +127,7 @@ def configure_logging(level: str, stream: TextIO | None = None) -> None:
         root.removeHandler(handler)
     handler = _Handler(stream if stream is not None else sys.stderr)
     handler.setFormatter(LogfmtFormatter())
+    handler.addFilter(Redactor(secrets))
     root.addHandler(handler)
     root.setLevel(level)
     quiet = logging.NOTSET if root.level <= logging.DEBUG else max(root.level, logging.WARNING)

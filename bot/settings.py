@@ -12,6 +12,7 @@ from typing import Annotated, Literal, get_args
 from pydantic import ByteSize, Field, SecretStr, TypeAdapter, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from bot.redaction import public_urls
 from storage import is_postgres_url
 from storage.models import MAX_NEW_TOKENS_RANGE, TEMPERATURE_RANGE, TOP_P_RANGE
 
@@ -22,6 +23,16 @@ DEFAULT_SYSTEM_PROMPT = (
     "You are Llamacord, a helpful assistant chatting on Discord. Each user message begins with the "
     "speaker's name and a colon. Reply directly, without a name in front. Be concise; Discord markdown works."
 )
+
+
+def _comma_separated_ids(value: object, what: str) -> object:
+    """ "0, 1" from the environment as [0, 1]; anything else as given, for pydantic to check."""
+    if not isinstance(value, str):
+        return value
+    parts = [part.strip() for part in value.split(",") if part.strip()]
+    if not all(part.isdigit() for part in parts):
+        raise ValueError(f"must be comma-separated {what}")
+    return [int(part) for part in parts]
 
 
 class Settings(BaseSettings):
@@ -52,12 +63,17 @@ class Settings(BaseSettings):
     # Sharding: None is one gateway connection; a number or "auto" runs discord.py's AutoShardedBot.
     shard_count: int | Literal["auto"] | None = None
     shard_ids: Annotated[list[int] | None, NoDecode] = None  # "0,1" in the environment
+    # Who may talk to the bot: direct messages at all, and users it ignores everywhere ("123,456").
+    allow_dms: bool = True
+    blocked_user_ids: Annotated[frozenset[int], NoDecode] = frozenset()
 
     # Storage: SQLite at DATABASE_PATH, unless DATABASE_URL names a PostgreSQL database (shared by processes on many
     # hosts), which then wins.
     database_path: Path = Path("llamacord.sqlite3")
     database_url: SecretStr | None = None
     history_limit: int = Field(default=100, ge=1, le=10_000)
+    # Stored messages older than this many days are deleted for good (archived ones too); 0 keeps everything.
+    retention_days: int = Field(default=0, ge=0, le=36_500)
 
     # Model
     model: str = DEFAULT_MODEL
@@ -146,12 +162,12 @@ class Settings(BaseSettings):
     @field_validator("shard_ids", mode="before")
     @classmethod
     def _parse_shard_ids(cls, value: object) -> object:
-        if not isinstance(value, str):
-            return value
-        parts = [part.strip() for part in value.split(",") if part.strip()]
-        if not all(part.isdigit() for part in parts):
-            raise ValueError("must be comma-separated shard ids, such as 0,1")
-        return [int(part) for part in parts]
+        return _comma_separated_ids(value, "shard ids, such as 0,1")
+
+    @field_validator("blocked_user_ids", mode="before")
+    @classmethod
+    def _parse_blocked_user_ids(cls, value: object) -> object:
+        return _comma_separated_ids(value, "Discord user ids, such as 80351110224678912,123456789012345678")
 
     @field_validator("shard_ids")
     @classmethod
@@ -209,6 +225,12 @@ class Settings(BaseSettings):
     def _upper_log_level(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
 
+    def secret_values(self) -> list[str]:
+        """The value of every secret setting (the bot token, API keys, a database URL with its password): what the
+        logs must never show (`configure_logging`)."""
+        values = (getattr(self, name) for name in type(self).model_fields if _is_secret(name))
+        return [value.get_secret_value() for value in values if value is not None]
+
 
 class SettingsError(SystemExit):
     """Start-up stops here, with a message that names each bad setting."""
@@ -221,7 +243,7 @@ def format_validation_error(error: ValidationError) -> str:
         given = problem.get("input")
         secret = _is_secret(str(problem["loc"][0])) if problem["loc"] else False
         hidden = secret or isinstance(given, dict) or given is None
-        shown = "" if hidden else f" (got {given!r})"
+        shown = "" if hidden else f" (got {public_urls(repr(given))})"
         lines.append(f"  {name}: {problem['msg']}{shown}")
     lines.append("Fix them in the environment or in .env; .env.example lists every setting.")
     return "\n".join(lines)

@@ -45,7 +45,7 @@ ReadLine = Callable[[str], Awaitable[str | None]]  # shows a prompt, returns the
 
 
 def chat_command(settings: Settings, args: argparse.Namespace) -> None:
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, secrets=settings.secret_values())
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_chat(settings))
 
@@ -54,7 +54,7 @@ def ask_command(settings: Settings, args: argparse.Namespace) -> None:
     question = args.question.strip()
     if not question:
         sys.exit("llamacord ask: the question is empty.")
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, secrets=settings.secret_values())
     try:
         asyncio.run(_ask(settings, question, sys.stdout))
     except KeyboardInterrupt:
@@ -62,7 +62,7 @@ def ask_command(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def info_command(settings: Settings, args: argparse.Namespace) -> None:
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, secrets=settings.secret_values())
     asyncio.run(_info(settings, sys.stdout))
 
 
@@ -198,7 +198,7 @@ class TerminalView:
         self.out.flush()
         self.printed = len(text)
 
-    async def finish(self, text: str) -> list[int]:
+    async def finish(self, text: str, *, retry: bool) -> list[int]:
         await self.show(text)
         self.out.write("\n")
         self.out.flush()

@@ -175,6 +175,10 @@ class Store(ABC):
         check_text("content", content)
         await self._update_reply(stored_id, content, message_id, shown_by(message_id, part_ids))
 
+    async def discord_message_ids(self, stored_id: int) -> list[int]:
+        """The Discord messages that show a stored turn, oldest first ([] when it is gone or never was shown)."""
+        return await self._discord_message_ids(check_id("stored_id", stored_id))
+
     # --- channel settings ---------------------------------------------------------------------------------------
 
     async def get_channel_settings(self, channel_id: int) -> ChannelSettings:
@@ -255,6 +259,9 @@ class Store(ABC):
     async def _update_reply(
         self, stored_id: int, content: str, message_id: int | None, shown_by: tuple[int, ...]
     ) -> None: ...
+
+    @abstractmethod
+    async def _discord_message_ids(self, stored_id: int) -> list[int]: ...
 
     @abstractmethod
     async def _get_channel_settings(self, channel_id: int) -> ChannelSettings: ...

@@ -71,6 +71,7 @@ class ChannelSettings:
     top_p: float | None = None
     max_new_tokens: int | None = None
     reply_mode: ReplyMode | None = None
+    required_role_id: int | None = None  # a role a member needs to talk to the bot here (moderators never do)
     updated_by: int | None = None  # who last changed any of them
     updated_at: datetime | None = None  # UTC, timezone-aware
 
@@ -81,7 +82,7 @@ class ChannelSettings:
     @classmethod
     def from_row(cls, row: Sequence[Any]) -> ChannelSettings:
         """From stored values in `CHANNEL_SETTINGS_FIELDS` order, the reply mode still its text."""
-        channel_id, system_prompt, temperature, top_p, max_new_tokens, reply_mode, updated_by, updated_at = row
+        channel_id, system_prompt, temperature, top_p, max_new_tokens, reply_mode, role_id, updated_by, updated_at = row
         return cls(
             channel_id,
             system_prompt,
@@ -89,13 +90,21 @@ class ChannelSettings:
             top_p,
             max_new_tokens,
             None if reply_mode is None else ReplyMode(reply_mode),
+            role_id,
             updated_by,
             updated_at,
         )
 
 
 # The overridable fields, in column order. `Store.update_channel_settings` accepts exactly these names.
-SETTING_FIELDS: tuple[str, ...] = ("system_prompt", "temperature", "top_p", "max_new_tokens", "reply_mode")
+SETTING_FIELDS: tuple[str, ...] = (
+    "system_prompt",
+    "temperature",
+    "top_p",
+    "max_new_tokens",
+    "reply_mode",
+    "required_role_id",
+)
 # The stored columns of a channel's settings, named and ordered as `ChannelSettings`'s fields.
 CHANNEL_SETTINGS_FIELDS: tuple[str, ...] = tuple(field.name for field in fields(ChannelSettings))
 
@@ -161,6 +170,8 @@ def check_setting(name: str, value: object) -> object:
         return None
     if name == "system_prompt":
         return check_text(name, value)
+    if name == "required_role_id":
+        return check_snowflake(name, value)
     if name == "reply_mode":
         try:
             return ReplyMode(value)

@@ -358,6 +358,16 @@ class PostgresStore(Store):
             await connection.execute("DELETE FROM discord_messages WHERE turn_id = $1", stored_id)
             await connection.execute(_SHOW, stored_id, shown_by)
 
+    async def _discord_message_ids(self, stored_id: int) -> list[int]:
+        rows = await self._read(
+            "read a turn's messages from",
+            lambda connection: connection.fetch(
+                "SELECT discord_message_id FROM discord_messages WHERE turn_id = $1 ORDER BY discord_message_id",
+                stored_id,
+            ),
+        )
+        return [row[0] for row in rows]
+
     # --- channel settings ----------------------------------------------------------------------------------
 
     async def _get_channel_settings(self, channel_id: int) -> ChannelSettings:

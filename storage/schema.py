@@ -21,6 +21,8 @@ History:
    that shows a stored turn (a long reply spans several) to it, deleted with the turn. Existing `message_id`s are
    copied into it; `reply_to_id` stays NULL for older replies (which user turn they answered was not recorded).
    Indexes for deleting a user turn's replies and an author's turns.
+4. Who may talk to the bot in a channel: `channels.required_role_id`, a role a member needs there (NULL: anyone),
+   and an index on `messages.created_at` for the retention purge.
 """
 
 from __future__ import annotations
@@ -94,10 +96,17 @@ V3_STATEMENTS = (
     """,
 )
 
+V4_STATEMENTS = (
+    "ALTER TABLE channels ADD COLUMN required_role_id INTEGER",
+    # The retention purge deletes by age across every channel.
+    "CREATE INDEX messages_by_age ON messages (created_at)",
+)
+
 SQLITE_MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "channels and messages", V1_STATEMENTS),
     Migration(2, "reset archives: channels.history_start_id, reset_at, reset_by", V2_STATEMENTS),
     Migration(3, "window start, reply_to_id, discord_messages", V3_STATEMENTS),
+    Migration(4, "channels.required_role_id, messages by age", V4_STATEMENTS),
 )
 
 # PostgreSQL: free text is BYTEA holding UTF-8, because TEXT cannot hold NUL characters and the store keeps any str
@@ -144,8 +153,14 @@ POSTGRES_V3_STATEMENTS = (
     "CREATE INDEX discord_messages_by_turn ON discord_messages (turn_id)",
 )
 
+POSTGRES_V4_STATEMENTS = (
+    "ALTER TABLE channels ADD COLUMN required_role_id BIGINT",
+    "CREATE INDEX messages_by_age ON messages (created_at)",
+)
+
 POSTGRES_MIGRATIONS: tuple[Migration, ...] = (
     Migration(3, "the version-3 schema: channels, messages, discord_messages", POSTGRES_V3_STATEMENTS),
+    Migration(4, "channels.required_role_id, messages by age", POSTGRES_V4_STATEMENTS),
 )
 
 LATEST_VERSION = SQLITE_MIGRATIONS[-1].version

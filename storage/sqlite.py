@@ -286,6 +286,10 @@ class SQLiteStore(Store):
             await connection.execute("DELETE FROM discord_messages WHERE turn_id = ?", (stored_id,))
             await self._show(connection, stored_id, shown_by)
 
+    async def _discord_message_ids(self, stored_id: int) -> list[int]:
+        sql = "SELECT discord_message_id FROM discord_messages WHERE turn_id = ? ORDER BY discord_message_id"
+        return [row[0] for row in await self._read("read a turn's messages from", sql, (stored_id,))]
+
     @staticmethod
     async def _show(connection: aiosqlite.Connection, stored_id: int, shown_by: Iterable[int]) -> None:
         await connection.executemany(_SHOW, [(discord_id, stored_id) for discord_id in shown_by])

@@ -12,6 +12,7 @@ from tests.support import postgres
 from tests.support.bot_harness import RecordingEngine, lively_engine
 from tests.support.databases import SERVER_ENV, fresh_database
 from tests.support.fake_discord import FakeDiscord
+from tests.support.openai_server import OpenAIServer
 from tests.support.tiny_model import save_tiny_llama
 
 
@@ -39,6 +40,25 @@ def smollm2_cache_dir() -> Path:
     cache_dir = Settings.model_fields["model_cache_dir"].default
     convert_gguf(gguf, cache_dir)
     return cache_dir
+
+
+@pytest.fixture(scope="session")
+def openai_server_process(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenAIServer]:
+    """A real OpenAI-compatible server (`transformers serve`) on the tiny Llama at 127.0.0.1, once per session."""
+    server = OpenAIServer(tiny_model_dir, tmp_path_factory.mktemp("serve") / "serve.log")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def openai_server(openai_server_process: OpenAIServer) -> OpenAIServer:
+    """The session's server, started again if a test stopped it and failed before restarting it."""
+    if not openai_server_process.running:
+        openai_server_process.start()
+    return openai_server_process
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,7 @@ class ChannelConfig:
     top_p: float
     max_new_tokens: int
     reply_mode: ReplyMode
+    required_role_id: int | None  # a role a member needs to talk to the bot here (None: anyone)
     overridden: frozenset[str]  # the fields the channel set itself
 
     @classmethod
@@ -40,6 +41,7 @@ class ChannelConfig:
                 overrides.max_new_tokens if overrides.max_new_tokens is not None else settings.max_new_tokens
             ),
             reply_mode=overrides.effective_reply_mode,
+            required_role_id=overrides.required_role_id,
             overridden=overridden,
         )
 

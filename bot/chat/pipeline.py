@@ -10,13 +10,15 @@ a turn are written once:
   turns' prompts begin with the same tokens and reuse the engine's cached prefix (and a restart gives the same
   prompt);
 - the new message is stored only once the reply's first message is shown, so a busy engine, a prompt that cannot be
-  built or a channel the front end cannot post to leaves no unanswered turn in the history, and a retry is stored
-  once;
+  built or a channel the front end cannot post to leaves no unanswered turn in the history, and a message sent
+  again after a refusal is stored once;
 - the reply streams to the front end's `ReplyView`; a stopped reply ends with a note (an interrupted one, at
   shutdown, with its own), and so does one whose message was too long and had its middle cut;
 - what the user saw is stored as the assistant's turn (a stopped reply's partial text included: the channel shows
   it, so the model should see it too); a reply that failed, has no text, or was deleted while it streamed is not
   stored, and one whose question was deleted meanwhile leaves no trace of either;
+- a retry (`retry`) answers the channel's newest user turn again with the history before it, and its text replaces
+  the stored reply;
 - every reply is counted once in the metrics by how it ended, and each request the engine accepted logs one line
   (ids and numbers, never text).
 
@@ -28,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -76,8 +78,12 @@ class UserTurn:
 
     @property
     def line(self) -> tuple[Hashable, Hashable]:
-        """Whose turn this is in the fair line: (server, user); a DM counts as its user's own server."""
-        return (self.server if self.server is not None else ("dm", self.speaker.id)), self.speaker.id
+        return fair_line(self.server, self.speaker.id)
+
+
+def fair_line(server: int | None, user_id: int | None) -> tuple[Hashable, Hashable]:
+    """Whose turn a request is in the fair line: (server, user); a DM counts as its user's own server."""
+    return (server if server is not None else ("dm", user_id)), user_id
 
 
 class ReplyGone(Exception):
@@ -137,9 +143,10 @@ class ReplyView(Protocol):
         showed was deleted (so does `finish`)."""
         ...
 
-    async def finish(self, text: str) -> list[int]:
-        """The final text (notes included). Returns the ids of the messages that show it (Discord: the reply's
-        messages, first to last; the store keeps them with the reply)."""
+    async def finish(self, text: str, *, retry: bool) -> list[int]:
+        """The final text (notes included); with `retry`, the reply's turn is stored and may be answered again
+        (Discord: a Retry button). Returns the ids of the messages that show it (Discord: the reply's messages,
+        first to last; the store keeps them with the reply)."""
         ...
 
     async def abandon(self, text: str) -> None:
@@ -153,6 +160,16 @@ class ReplyResult:
 
     outcome: ReplyOutcome
     metrics: RequestMetrics | None
+
+
+@dataclass(frozen=True, slots=True)
+class Exchange:
+    """A channel's newest user turn, the stored reply to it (if any), and the history before it: what Retry
+    answers again."""
+
+    question: StoredMessage
+    reply: StoredMessage | None
+    before: list[StoredMessage]
 
 
 class TurnPipeline:
@@ -181,9 +198,40 @@ class TurnPipeline:
         `assistant`). Records how the reply ended whatever happens; `EngineBusyError` and other errors propagate
         for the front end to tell the user."""
         reply = Reply(self.queue)
+        return await self._recorded(turn.channel_id, reply, self._answer(turn, reply, make_view(reply), assistant))
+
+    async def newest_exchange(self, channel_id: int) -> Exchange | None:
+        """The channel's newest user turn and the stored reply to it (None if it has none yet): what a retry
+        answers again. None when the channel has no user turn in its window."""
+        history, _ = await self._window(channel_id)
+        last_question = next((i for i in range(len(history) - 1, -1, -1) if history[i].role is Role.USER), None)
+        if last_question is None:
+            return None
+        question = history[last_question]
+        later = history[last_question + 1 :]
+        reply = next((m for m in later if m.role is Role.ASSISTANT and m.reply_to_id == question.id), None)
+        return Exchange(question, reply, history[:last_question])
+
+    async def retry(
+        self,
+        exchange: Exchange,
+        line: tuple[Hashable, Hashable],
+        make_view: Callable[[Reply], ReplyView],
+        *,
+        assistant: Speaker = Speaker(),
+    ) -> ReplyResult:
+        """Answer the exchange's user turn again (the front end checked it is still the newest, under the channel's
+        lock), waiting in the fair line as `line`; the new reply replaces the stored one (or is stored, if there was
+        none). Outcomes and errors as for `answer`."""
+        reply = Reply(self.queue)
+        channel_id = exchange.question.channel_id
+        return await self._recorded(channel_id, reply, self._retry(exchange, line, reply, make_view(reply), assistant))
+
+    async def _recorded(self, channel_id: int, reply: Reply, work: Awaitable[None]) -> ReplyResult:
+        """Run one reply's `work`, and record how it ended whatever happens."""
         outcome = ReplyOutcome.FAILED
         try:
-            await self._answer(turn, reply, make_view(reply), assistant)
+            await work
             outcome = ReplyOutcome.CANCELLED if reply.stopped else ReplyOutcome.COMPLETED
         except QueueFullError as full:
             self.metrics.count_refusal(per_user=full.per_user)
@@ -195,12 +243,12 @@ class TurnPipeline:
         except ReplyGone:
             reply.gone = True
             outcome = ReplyOutcome.CANCELLED
-            log.info("the reply in channel %s was deleted while it was written; generation cancelled", turn.channel_id)
+            log.info("the reply in channel %s was deleted while it was written; generation cancelled", channel_id)
         finally:
             request = self._request_metrics(reply)
             self.metrics.observe_reply(outcome, request)
             if request is not None:
-                log_reply(turn.channel_id, request, outcome)
+                log_reply(channel_id, request, outcome)
         return ReplyResult(outcome, request)
 
     @staticmethod
@@ -226,7 +274,7 @@ class TurnPipeline:
         return newest[first_question:], True
 
     async def _answer(self, turn: UserTurn, reply: Reply, view: ReplyView, assistant: Speaker) -> None:
-        store, channel_id = self.store, turn.channel_id
+        channel_id = turn.channel_id
         config = await self.config(channel_id)
         history, moved = await self._window(channel_id)
         history = spoken(history)
@@ -240,20 +288,72 @@ class TurnPipeline:
             message_id=turn.message_id,
             created_at=datetime.now(UTC),
         )
-        ticket = reply.ticket = self.queue.enter(*turn.line)  # QueueFullError at once when it may not wait
-        text, prompt, stored = "", None, None
+        stored: StoredMessage | None = None
+
+        async def store_question(prompt: Prompt) -> None:
+            nonlocal stored
+            stored = await self._store_question(question, reply, history, prompt, moved)
+
+        chat = build_chat(config.system_prompt, [*history, question])
+        text, shown_in = await self._speak(reply, view, turn.line, chat, config, store_question)
+        if stored is not None and reply.question_gone and stored.message_id is not None:
+            await self.store.delete_discord_messages([stored.message_id])  # deleted on Discord while being stored
+        elif stored is not None and text.strip() and not reply.gone:
+            await self._store_reply(stored, text, shown_in, assistant)
+
+    async def _retry(
+        self, exchange: Exchange, line: tuple[Hashable, Hashable], reply: Reply, view: ReplyView, assistant: Speaker
+    ) -> None:
+        question = exchange.question
+        config = await self.config(question.channel_id)
+        chat = build_chat(config.system_prompt, spoken([*exchange.before, question]))
+        text, shown_in = await self._speak(reply, view, line, chat, config, None)
+        if not text.strip() or reply.gone or reply.question_gone:
+            return
+        if exchange.reply is not None:
+            first, parts = (shown_in[0], shown_in[1:]) if shown_in else (None, [])
+            await self.store.update_reply(exchange.reply.id, text, message_id=first, part_ids=parts)
+        else:
+            await self._store_reply(question, text, shown_in, assistant)
+
+    async def _store_reply(self, question: StoredMessage, text: str, shown_in: list[int], assistant: Speaker) -> None:
+        await self.store.append_message(
+            question.channel_id,
+            Role.ASSISTANT,
+            text,
+            author_id=assistant.id,
+            author_name=assistant.name,
+            message_id=shown_in[0] if shown_in else None,
+            reply_to_id=question.id,
+            part_ids=shown_in[1:],
+        )
+
+    async def _speak(
+        self,
+        reply: Reply,
+        view: ReplyView,
+        line: tuple[Hashable, Hashable],
+        chat: list[dict[str, str]],
+        config: ChannelConfig,
+        on_shown: Callable[[Prompt], Awaitable[None]] | None,
+    ) -> tuple[str, list[int]]:
+        """Wait in the fair line as `line`, generate for `chat` and stream the reply to `view`; `on_shown` runs
+        once the reply's first message is shown. Returns the text (without notes) and the ids `view.finish` gave."""
+        ticket = reply.ticket = self.queue.enter(*line)  # QueueFullError at once when it may not wait
+        text, prompt, told = "", None, on_shown is None
         try:
             async with view.preparing():
                 await self._wait_turn(ticket, view)
                 if not reply.stopped:  # not stopped while it waited
-                    chat = build_chat(config.system_prompt, [*history, question])
                     prompt = await self.engine.prepare(chat, config.max_new_tokens)
                     stream = reply.stream = self.engine.generate(prompt, config.sampling)  # busy: raises at once
                     deltas = aiter(stream)
                     text = await anext(deltas, "")
             if text:
                 await view.show(text)
-                stored = await self._store_question(question, reply, history, prompt, moved)
+                if on_shown is not None and prompt is not None:
+                    await on_shown(prompt)
+                    told = True
                 async for delta in deltas:
                     if reply.stopped:  # a press after the last token changes nothing
                         break
@@ -263,9 +363,9 @@ class TurnPipeline:
             notes = (INTERRUPTED_NOTE if reply.interrupted else STOPPED_NOTE if reply.stopped else "") + (
                 TRUNCATED_NOTE if prompt and prompt.truncated else ""
             )
-            shown_in = await view.finish(text + notes)
-            if stored is None:
-                stored = await self._store_question(question, reply, history, prompt, moved)
+            shown_in = await view.finish(text + notes, retry=prompt is not None and not reply.question_gone)
+            if not told and on_shown is not None and prompt is not None:
+                await on_shown(prompt)
         except BaseException:
             await view.abandon(text)
             raise
@@ -273,19 +373,7 @@ class TurnPipeline:
             self.queue.leave(ticket)
             if reply.stream is not None:
                 await reply.stream.cancel()  # a no-op after a finished generation; frees the slot after a failure
-        if stored is not None and reply.question_gone and stored.message_id is not None:
-            await store.delete_discord_messages([stored.message_id])  # deleted on Discord while it was being stored
-        elif stored is not None and text.strip() and not reply.gone:
-            await store.append_message(
-                channel_id,
-                Role.ASSISTANT,
-                text,
-                author_id=assistant.id,
-                author_name=assistant.name,
-                message_id=shown_in[0] if shown_in else None,
-                reply_to_id=stored.id,
-                part_ids=shown_in[1:],
-            )
+        return text, shown_in
 
     async def _store_question(
         self,

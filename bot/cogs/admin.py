@@ -17,7 +17,7 @@ from discord.ext import commands
 from bot.chat.config import ChannelConfig, prompt_room_problem
 from bot.chat.locks import ChannelLocks
 from bot.chat.pipeline import TurnPipeline
-from bot.cogs.common import Denied, channel_id_of, require_permission, respond
+from bot.cogs.common import Denied, channel_id_of, check_access, require_permission, respond
 from bot.replies import DISCORD_LIMIT
 from storage.models import MAX_NEW_TOKENS_RANGE, TEMPERATURE_RANGE, TOP_P_RANGE
 
@@ -36,9 +36,14 @@ class AdminCog(commands.Cog):
 
     def __init__(self, pipeline: TurnPipeline, locks: ChannelLocks) -> None:
         self.store = pipeline.store
+        self.settings = pipeline.settings
         self.configs = pipeline.configs  # every settings change goes through it, so its copy stays true
         self.engine = pipeline.engine
         self.locks = locks
+
+    async def interaction_check(self, interaction: discord.Interaction, /) -> bool:
+        check_access(interaction, self.settings)
+        return True
 
     @app_commands.command(name="reset", description="Clear this channel's conversation with the bot")
     @app_commands.default_permissions(manage_messages=True)
@@ -87,7 +92,8 @@ class AdminCog(commands.Cog):
         temperature=f"Sampling temperature, {TEMPERATURE_RANGE[0]:g} to {TEMPERATURE_RANGE[1]:g} (0 is greedy)",
         top_p=f"Nucleus sampling mass, above {TOP_P_RANGE[0]:g} and up to {TOP_P_RANGE[1]:g}",
         max_new_tokens=f"Longest reply in tokens, {MAX_NEW_TOKENS_RANGE[0]} to {MAX_NEW_TOKENS_RANGE[1]}",
-        reset="Put the reply mode and sampling back to the defaults",
+        role="Only members with this role may talk to the bot here (moderators always may); @everyone: anyone",
+        reset="Put every setting here back to its default",
     )
     async def config(
         self,
@@ -96,12 +102,16 @@ class AdminCog(commands.Cog):
         temperature: app_commands.Range[float, TEMPERATURE_RANGE[0], TEMPERATURE_RANGE[1]] | None = None,
         top_p: app_commands.Range[float, TOP_P_RANGE[0], TOP_P_RANGE[1]] | None = None,
         max_new_tokens: app_commands.Range[int, MAX_NEW_TOKENS_RANGE[0], MAX_NEW_TOKENS_RANGE[1]] | None = None,
+        role: discord.Role | None = None,
         reset: bool = False,
     ) -> None:
         require_permission(interaction, "manage_guild")
         channel_id = channel_id_of(interaction)
         given = {"reply_mode": reply_mode, "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens}
-        changes = {name: value for name, value in given.items() if value is not None}
+        changes: dict[str, object] = {name: value for name, value in given.items() if value is not None}
+        if role is not None:
+            changes["required_role_id"] = None if role.is_default() else role.id  # @everyone: anyone may talk
+        given["required_role_id"] = None
         if reset and changes:
             raise Denied("Give either new values or `reset: True`, not both.")
         if reset:
@@ -122,13 +132,16 @@ class AdminCog(commands.Cog):
     @staticmethod
     def _config_embed(title: str, config: ChannelConfig) -> discord.Embed:
         embed = discord.Embed(title=title)
-        rows = {
-            "reply_mode": config.reply_mode.value,
-            "temperature": f"{config.temperature:g}",
-            "top_p": f"{config.top_p:g}",
-            "max_new_tokens": str(config.max_new_tokens),
-        }
-        for name, value in rows.items():
-            origin = "set here" if name in config.overridden else "default"
-            embed.add_field(name=name, value=f"`{value}` ({origin})", inline=True)
+        # A role mention never pings in an embed.
+        role = "anyone" if config.required_role_id is None else f"<@&{config.required_role_id}>"
+        rows = [  # (field shown, setting, value)
+            ("reply_mode", "reply_mode", f"`{config.reply_mode.value}`"),
+            ("temperature", "temperature", f"`{config.temperature:g}`"),
+            ("top_p", "top_p", f"`{config.top_p:g}`"),
+            ("max_new_tokens", "max_new_tokens", f"`{config.max_new_tokens}`"),
+            ("role", "required_role_id", role),
+        ]
+        for name, setting, value in rows:
+            origin = "set here" if setting in config.overridden else "default"
+            embed.add_field(name=name, value=f"{value} ({origin})", inline=True)
         return embed

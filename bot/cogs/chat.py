@@ -11,25 +11,37 @@ Notices (busy, slow down) are posted at most once per user per channel per minut
 the message gets a reaction. A channel where the bot may not post is not answered at all.
 
 The rules of a turn (prompt, storing, notes, metrics) are the pipeline's (`bot.chat.pipeline`); the reply is shown
-by `bot.cogs.replying`.
+by `bot.cogs.replying`. A Retry press on the channel's newest reply answers its question again, under the same lock.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
+from typing import Any
 
 import discord
 from discord.ext import commands
 
+from bot.chat.access import ACCESS_DENIED, may_talk, may_use
+from bot.chat.config import ChannelConfig
 from bot.chat.locks import ChannelLocks
 from bot.chat.notices import Notices
-from bot.chat.pipeline import Reply, Speaker, TurnPipeline, UserTurn
+from bot.chat.pipeline import Exchange, Reply, Speaker, TurnPipeline, UserTurn, fair_line
 from bot.cogs.reading import prompt_text, read_turn
-from bot.cogs.replying import NO_PINGS, DiscordReplyView, LiveReplies, stop_button_type
+from bot.cogs.replying import (
+    NO_PINGS,
+    REPLY_ENDED,
+    RETRY_DENIED,
+    RETRY_STALE,
+    DiscordReplyView,
+    LiveReplies,
+    retry_button_type,
+    stop_button_type,
+)
 from bot.engine.errors import BUSY_MESSAGE, EngineBusyError, EngineError
 from bot.metrics import ErrorKind, ReplyOutcome
 from storage import ReplyMode
@@ -45,6 +57,9 @@ INTERRUPT_SECONDS = 5.0
 COOLDOWN_TEXT = "Slow down a little: you can ask me again in {seconds:.0f} s."
 # Prune the cooldown table when it grows past this many users.
 COOLDOWN_TABLE_SIZE = 1024
+# Channels whose newest reply (the one with the Retry button) is remembered, to take the button off when a newer
+# reply comes; past this, the least recently answered are forgotten (their button then says it is stale).
+OFFERED_TABLE_SIZE = 10_000
 # What a message past a limit gets instead of a notice, when its author was told within the last minute.
 QUIET_NOTICE = "\N{HOURGLASS WITH FLOWING SAND}"
 # Only ordinary messages and replies are conversation; joins, pins, boosts and the like are not.
@@ -89,7 +104,7 @@ class ChatCog(commands.Cog):
     """Answers messages: mentions and replies to the bot in guild channels and threads, every message in DMs,
     and every message in channels whose reply mode is "all"."""
 
-    def __init__(self, bot: commands.Bot, pipeline: TurnPipeline, locks: ChannelLocks) -> None:
+    def __init__(self, bot: commands.Bot, pipeline: TurnPipeline, locks: ChannelLocks, live: LiveReplies) -> None:
         self.bot = bot
         self.pipeline = pipeline
         self.locks = locks
@@ -99,14 +114,17 @@ class ChatCog(commands.Cog):
         self._waiting: Counter[int] = Counter()  # channel id → messages waiting for its lock
         self.notices = Notices()
         self.closing = False  # shutting down: no new message is answered
-        self.live = LiveReplies()
+        self.live = live
         self.stop_button = stop_button_type(self.live)
+        self.retry_button = retry_button_type(self._on_retry)
+        self._offered: OrderedDict[int, discord.Message | discord.PartialMessage] = OrderedDict()  # channel → Retry
 
     async def cog_load(self) -> None:
-        self.bot.add_dynamic_items(self.stop_button)  # presses are routed by custom id, also after a restart
+        # Presses are routed by custom id, also after a restart.
+        self.bot.add_dynamic_items(self.stop_button, self.retry_button)
 
     async def cog_unload(self) -> None:
-        self.bot.remove_dynamic_items(self.stop_button)
+        self.bot.remove_dynamic_items(self.stop_button, self.retry_button)
 
     async def wind_down(self, grace_s: float) -> None:
         """Shutdown: answer no new message, let the replies in progress finish for up to `grace_s`, then interrupt
@@ -124,10 +142,15 @@ class ChatCog(commands.Cog):
         me = self.bot.user
         if me is None or self.closing or not is_conversation(message, me):
             return
+        if not may_use(self.settings, user_id=message.author.id, in_dm=message.guild is None):
+            return  # refused silently: a blocked user, or a DM when DMs are off
+        channel_id = message.channel.id
+        config = self.pipeline.configs.cached(channel_id)
+        if config is not None and not self._may_talk(message, config):
+            return
         addressed = self._addressed_at_once(message, me)
         if addressed is False:
             return  # chatter: not answered, so it does not wait for the channel either
-        channel_id = message.channel.id
         try:
             if self._waiting[channel_id] >= MAX_WAITING_PER_CHANNEL:
                 # Decided out of turn, which cannot reorder the history: this message is only told to retry.
@@ -138,7 +161,9 @@ class ChatCog(commands.Cog):
             async with self._turn(channel_id):
                 if self.closing:  # it waited for the channel while the bot began to shut down
                     return
-                if (addressed or await self._should_answer(message, me)) and self._may_post(message):
+                if not (addressed or await self._should_answer(message, me)):
+                    return
+                if self._may_talk(message, await self.pipeline.config(channel_id)) and self._may_post(message):
                     await self._answer(message, me)
         except Exception as error:
             self.metrics.count_error(error_kind(error))
@@ -146,14 +171,6 @@ class ChatCog(commands.Cog):
             text = f"Sorry: {error}" if isinstance(error, EngineError) and str(error) else ERROR_TEXT
             with suppress(discord.HTTPException):
                 await self._reply_short(message, text)
-
-    @commands.Cog.listener()
-    async def on_raw_message_delete(self, payload: discord.RawMessageDeleteEvent) -> None:
-        await self.live.deleted({payload.message_id})
-
-    @commands.Cog.listener()
-    async def on_raw_bulk_message_delete(self, payload: discord.RawBulkMessageDeleteEvent) -> None:
-        await self.live.deleted(set(payload.message_ids))
 
     @asynccontextmanager
     async def _turn(self, channel_id: int) -> AsyncIterator[None]:
@@ -196,6 +213,21 @@ class ChatCog(commands.Cog):
             return True
         replied_to = await self._replied_message(message)
         return replied_to is not None and replied_to.author.id == me.id
+
+    def _may_talk(self, message: discord.Message, config: ChannelConfig) -> bool:
+        """The access rules (`bot.chat.access`) for this message's author here; refusals are silent."""
+        return self._allowed(message.author, message.channel, config)
+
+    def _allowed(self, user: discord.abc.User, channel: object, config: ChannelConfig) -> bool:
+        member = isinstance(user, discord.Member)
+        return may_talk(
+            self.settings,
+            config,
+            user_id=user.id,
+            in_dm=not member,
+            role_ids=[role.id for role in user.roles] if member else [],
+            moderator=member and channel.permissions_for(user).manage_messages,  # type: ignore[attr-defined]
+        )
 
     def _may_post(self, message: discord.Message) -> bool:
         if can_post(message):
@@ -243,12 +275,11 @@ class ChatCog(commands.Cog):
             message_id=message.id,
             server=message.guild.id if message.guild is not None else None,
         )
-        interval = self.settings.edit_interval_seconds
+        views: list[DiscordReplyView] = []
 
         def view(reply: Reply) -> DiscordReplyView:
-            shown = DiscordReplyView(message, self.stop_button, interval)
-            self.live.add(message.id, reply, message.author.id, shown)
-            return shown
+            views.append(self._view(message, reply, message.author.id))
+            return views[-1]
 
         try:
             await self.pipeline.answer(turn, view, assistant=Speaker(me.id, me.display_name))
@@ -256,6 +287,101 @@ class ChatCog(commands.Cog):
             await self._tell_busy(message, "engine busy", str(busy))
         finally:
             self.live.remove(message.id)
+            for shown in views:
+                await self._offer_retry(message.channel.id, shown)
+
+    def _view(
+        self,
+        source: discord.Message | discord.PartialMessage,
+        reply: Reply,
+        asker_id: int,
+        replacing: list[discord.PartialMessage] | None = None,
+    ) -> DiscordReplyView:
+        """The view of a reply to `source`, known to the live replies (Stop, deletions) while it runs."""
+        shown = DiscordReplyView(
+            source,
+            self.stop_button,
+            self.settings.edit_interval_seconds,
+            retry_button=self.retry_button,
+            replacing=replacing or [],
+        )
+        self.live.add(source.id, reply, asker_id, shown)
+        return shown
+
+    async def _offer_retry(self, channel_id: int, view: DiscordReplyView) -> None:
+        """A reply ended with the Retry button: take it off the channel's previous newest reply."""
+        offered = view.offered_retry
+        if offered is None:
+            return
+        previous = self._offered.pop(channel_id, None)
+        self._offered[channel_id] = offered
+        if len(self._offered) > OFFERED_TABLE_SIZE:
+            self._offered.popitem(last=False)
+        if previous is not None and previous.id != offered.id:
+            try:
+                await previous.edit(view=None)
+            except discord.HTTPException:  # deleted meanwhile, or no longer ours to edit: nothing left to take off
+                log.debug("could not take the Retry button off message %s", previous.id, exc_info=True)
+
+    async def _on_retry(self, interaction: discord.Interaction, source_id: int) -> None:
+        """A Retry press: under the channel's lock, answer the newest user turn again in the same messages, if it is
+        still the newest and the presser asked it or moderates here."""
+        channel, me = interaction.channel, self.bot.user
+        if not may_use(self.settings, user_id=interaction.user.id, in_dm=interaction.guild_id is None):
+            await interaction.response.send_message(ACCESS_DENIED, ephemeral=True)
+            return
+        if channel is None or me is None or self.closing:
+            await interaction.response.send_message(REPLY_ENDED, ephemeral=True)
+            return
+        await interaction.response.defer()  # the reply's own messages show what happens
+        try:
+            async with self._turn(channel.id):
+                exchange = await self.pipeline.newest_exchange(channel.id)
+                if exchange is None or exchange.question.message_id != source_id:
+                    await interaction.followup.send(RETRY_STALE, ephemeral=True)
+                    if interaction.message is not None:
+                        with suppress(discord.HTTPException):
+                            await interaction.message.edit(view=None)
+                    return
+                moderator = interaction.guild_id is not None and interaction.permissions.manage_messages
+                allowed = self._allowed(interaction.user, channel, await self.pipeline.config(channel.id))
+                if not allowed or (interaction.user.id != exchange.question.author_id and not moderator):
+                    await interaction.followup.send(RETRY_DENIED, ephemeral=True)
+                    return
+                await self._answer_again(interaction, channel, exchange, me)
+        except Exception as error:
+            self.metrics.count_error(error_kind(error))
+            log.exception("retrying the reply to message %s in channel %s failed", source_id, channel.id)
+            text = f"Sorry: {error}" if isinstance(error, EngineError) and str(error) else ERROR_TEXT
+            with suppress(discord.HTTPException):
+                await interaction.followup.send(text, ephemeral=True)
+
+    async def _answer_again(
+        self, interaction: discord.Interaction, channel: Any, exchange: Exchange, me: discord.abc.User
+    ) -> None:
+        """The retry itself: the new reply replaces the old one in its messages and in the store."""
+        question = exchange.question
+        shown_by = await self.pipeline.store.discord_message_ids(exchange.reply.id) if exchange.reply else []
+        if not shown_by and interaction.message is not None:
+            shown_by = [interaction.message.id]  # a reply with no text is not stored, but it is on Discord
+        source = channel.get_partial_message(question.message_id)
+        replacing = [channel.get_partial_message(message_id) for message_id in shown_by]
+        views: list[DiscordReplyView] = []
+
+        def view(reply: Reply) -> DiscordReplyView:
+            views.append(self._view(source, reply, question.author_id or interaction.user.id, replacing))
+            return views[-1]
+
+        line = fair_line(interaction.guild_id, interaction.user.id)
+        try:
+            await self.pipeline.retry(exchange, line, view, assistant=Speaker(me.id, me.display_name))
+        except EngineBusyError as busy:
+            await interaction.followup.send(str(busy), ephemeral=True)
+        finally:
+            self.live.remove(source.id)
+            for shown in views:
+                await shown.delete_surplus()
+                await self._offer_retry(channel.id, shown)
 
     async def _tell_busy(self, message: discord.Message, why: str, text: str = BUSY_MESSAGE) -> None:
         self.metrics.count_error(ErrorKind.BUSY)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import discord
 from discord import app_commands
 
+from bot.chat.access import ACCESS_DENIED, may_use
+from bot.settings import Settings
+
 
 class Denied(app_commands.AppCommandError):
     """A command refused for a reason the user should read; the tree's error handler shows it ephemerally."""
@@ -28,6 +31,13 @@ def require_permission(interaction: discord.Interaction, permission: str) -> Non
         return
     label = permission.replace("_", " ").title().replace("Guild", "Server")
     raise Denied(f"You need the **{label}** permission in this channel to do that.")
+
+
+def check_access(interaction: discord.Interaction, settings: Settings) -> None:
+    """Raise `Denied` for a user the operator's settings refuse here (blocked, or a DM with DMs off): the checks the
+    chat cog makes silently for messages, made for commands with an answer."""
+    if not may_use(settings, user_id=interaction.user.id, in_dm=interaction.guild_id is None):
+        raise Denied(ACCESS_DENIED)
 
 
 def channel_id_of(interaction: discord.Interaction) -> int:

@@ -6,8 +6,9 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.cogs.common import respond
+from bot.cogs.common import check_access, respond
 from bot.engine.api import Engine
+from bot.settings import Settings
 
 EMBED_DESCRIPTION_LIMIT = 4096
 TOKENS_SHOWN = 20  # /tokenize lists this many tokens
@@ -32,8 +33,13 @@ def _code_block(lines: list[str], limit: int) -> str:
 class InfoCog(commands.Cog):
     """Read-only commands anyone may use."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, settings: Settings) -> None:
         self.engine = engine
+        self.settings = settings
+
+    async def interaction_check(self, interaction: discord.Interaction, /) -> bool:
+        check_access(interaction, self.settings)
+        return True
 
     @app_commands.command(name="info", description="The model and tokenizer behind the bot, and its queue")
     async def info(self, interaction: discord.Interaction) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, suppress
 from typing import Any
 
@@ -25,10 +25,16 @@ log = logging.getLogger(__name__)
 
 NO_PINGS = discord.AllowedMentions.none()
 STOP_PREFIX = "llamacord:stop:"  # + the id of the message the reply answers
-STOP_TEMPLATE = STOP_PREFIX + r"(?P<source>[0-9]+)"
 REPLY_ENDED = "This reply has already ended."
 EMPTY_REPLY = "*(no reply)*"
 STOP_DENIED = "Only the person who asked, or a moderator with Manage Messages, can stop this reply."
+RETRY_PREFIX = "llamacord:retry:"  # + the id of the message the reply answers
+RETRY_DENIED = "Only the person who asked, or a moderator with Manage Messages, can retry this reply."
+RETRY_STALE = "Only the newest reply in a channel can be retried."
+RETRY_PLACEHOLDER = "…"  # what a retried reply's surplus messages show until they are deleted
+
+ButtonFactory = Callable[[int], discord.ui.Item[Any]]  # the id of the answered message -> the button
+ButtonHandler = Callable[[discord.Interaction, int], Awaitable[None]]  # a press, with the answered message's id
 
 
 class LiveReplies:
@@ -60,6 +66,12 @@ class LiveReplies:
             return False
         return True
 
+    async def forget(self, asker_id: int, channel_id: int | None) -> None:
+        """/forget: the asker's replies in progress (in one channel, or everywhere with None) end and keep nothing."""
+        for reply, asker, view in list(self._replies.values()):
+            if asker == asker_id and channel_id in (None, view.source.channel.id):
+                await reply.drop(question=True)
+
     async def interrupt_all(self) -> int:
         """Interrupt every live reply (shutdown); returns how many there were."""
         replies = [reply for reply, _, _ in self._replies.values()]
@@ -82,15 +94,18 @@ class LiveReplies:
                 await reply.drop()
 
 
-def stop_button_type(live: LiveReplies) -> type[discord.ui.DynamicItem[discord.ui.Button[discord.ui.View]]]:
-    """The Stop button, as a persistent item whose custom id names the message the reply answers: a press on any
-    message that carries it (the button moves to a long reply's newest message), or one left from before a restart,
-    finds its reply here or is told the reply has ended, instead of failing."""
+PersistentButton = type[discord.ui.DynamicItem[discord.ui.Button[discord.ui.View]]]
 
-    class StopButton(discord.ui.DynamicItem[discord.ui.Button[discord.ui.View]], template=STOP_TEMPLATE):
+
+def persistent_button(label: str, style: discord.ButtonStyle, prefix: str, handler: ButtonHandler) -> PersistentButton:
+    """A button whose custom id names the message a reply answers (`prefix` + its id), routed by discord.py's dynamic
+    items: a press on any message that carries it (a button moves to a long reply's newest message), also one left
+    from before a restart, reaches `handler` with that id instead of failing."""
+
+    class Button(discord.ui.DynamicItem[discord.ui.Button[discord.ui.View]], template=prefix + r"(?P<source>[0-9]+)"):
         def __init__(self, source_id: int) -> None:
             button: discord.ui.Button[discord.ui.View] = discord.ui.Button(
-                label="Stop", style=discord.ButtonStyle.danger, custom_id=f"{STOP_PREFIX}{source_id}"
+                label=label, style=style, custom_id=f"{prefix}{source_id}"
             )
             super().__init__(button)
             self.source_id = source_id
@@ -98,38 +113,65 @@ def stop_button_type(live: LiveReplies) -> type[discord.ui.DynamicItem[discord.u
         @classmethod
         async def from_custom_id(
             cls, interaction: discord.Interaction, item: discord.ui.Item[Any], match: re.Match[str]
-        ) -> StopButton:
+        ) -> Button:
             return cls(int(match["source"]))
 
         async def callback(self, interaction: discord.Interaction) -> None:
-            found = live.get(self.source_id)
-            if found is None:
-                await interaction.response.send_message(REPLY_ENDED, ephemeral=True)
-                return
-            reply, asker_id = found
-            moderator = interaction.guild_id is not None and interaction.permissions.manage_messages
-            if interaction.user.id != asker_id and not moderator:
-                await interaction.response.send_message(STOP_DENIED, ephemeral=True)
-                return
-            await interaction.response.defer()  # the reply's final edit removes the button
-            await reply.stop()
+            await handler(interaction, self.source_id)
 
-    return StopButton
+    return Button
+
+
+def stop_button_type(live: LiveReplies) -> PersistentButton:
+    """Stop: finds its reply among the live ones (or says it has ended) and stops it, for the asker or a moderator."""
+
+    async def stop(interaction: discord.Interaction, source_id: int) -> None:
+        found = live.get(source_id)
+        if found is None:
+            await interaction.response.send_message(REPLY_ENDED, ephemeral=True)
+            return
+        reply, asker_id = found
+        moderator = interaction.guild_id is not None and interaction.permissions.manage_messages
+        if interaction.user.id != asker_id and not moderator:
+            await interaction.response.send_message(STOP_DENIED, ephemeral=True)
+            return
+        await interaction.response.defer()  # the reply's final edit removes the button
+        await reply.stop()
+
+    return persistent_button("Stop", discord.ButtonStyle.danger, STOP_PREFIX, stop)
+
+
+def retry_button_type(handler: ButtonHandler) -> PersistentButton:
+    """Retry, on the newest reply of a channel: `handler` (the chat cog) decides and answers again."""
+    return persistent_button("Retry", discord.ButtonStyle.secondary, RETRY_PREFIX, handler)
 
 
 class DiscordReplyView:
     """The Discord side of one reply (`bot.chat.pipeline.ReplyView`): the messages posted so far, what they show,
-    and where the Stop button is."""
+    and where its button is (Stop while it runs; Retry, if offered, once it is done).
+
+    A retry shows the new reply in the old reply's messages (`replacing`): the first is edited, the others are reused
+    as the text grows, and those left over are deleted (`delete_surplus`) once the store no longer maps them."""
 
     def __init__(
-        self, source: discord.Message, stop_button: Callable[[int], discord.ui.Item[Any]], interval: float
+        self,
+        source: discord.Message | discord.PartialMessage,
+        stop_button: ButtonFactory,
+        interval: float,
+        *,
+        retry_button: ButtonFactory | None = None,
+        replacing: Sequence[discord.PartialMessage] = (),
     ) -> None:
         self.source = source
         self.stop_button = stop_button
+        self.retry_button = retry_button
         self.throttle = EditThrottle(interval)
-        self.messages: list[discord.Message] = []
-        self.shown: list[str] = []
-        self.button_at: int | None = None  # the index of the message that carries the Stop button
+        self.messages: list[discord.Message | discord.PartialMessage] = list(replacing)
+        self.shown: list[str] = [""] * len(self.messages)  # unknown: each is edited the first time
+        self.button_at: int | None = None  # the index of the message that carries the button
+        self.button: ButtonFactory | None = None  # which button that is
+        self.offered_retry: discord.Message | discord.PartialMessage | None = None  # the message with Retry, at the end
+        self.surplus: list[discord.Message | discord.PartialMessage] = []  # a retry's messages no longer needed
         self._place = ""  # the newest place in line to show
         self._placing: asyncio.Task[None] | None = None  # shows it, paced by the throttle
         self.gone = False  # a message of the reply was deleted: there is nothing left to show it in
@@ -170,45 +212,65 @@ class DiscordReplyView:
         if self.gone or not self.messages or self.throttle.ready():
             await self._render(text, final=False)
 
-    async def finish(self, text: str) -> list[int]:
+    async def finish(self, text: str, *, retry: bool) -> list[int]:
         await self._stop_placing()
         await asyncio.sleep(self.throttle.delay())
-        await self._render(text, final=True)
+        button = self.retry_button if retry else None
+        await self._render(text, final=True, button=button)
+        if button is not None and self.messages:
+            self.offered_retry = self.messages[-1]
         return [message.id for message in self.messages]
 
     async def abandon(self, text: str) -> None:
         await self._stop_placing()
         if self.messages:
             with suppress(discord.HTTPException):  # take the Stop button off what was posted (and still exists)
-                await self._render_parts(text, final=True)
+                await self._render_parts(text, final=True, button=None)
 
-    async def _render(self, text: str, *, final: bool) -> None:
+    async def delete_surplus(self) -> None:
+        """Delete what a retry no longer needs of the old reply's messages (once the store maps the new ones)."""
+        surplus, self.surplus = self.surplus, []
+        for message in surplus:
+            with suppress(discord.NotFound):
+                await message.delete()
+
+    async def _render(self, text: str, *, final: bool, button: ButtonFactory | None = None) -> None:
         """Make Discord show `text`: edit the messages whose part changed, post new ones past 2,000 characters,
-        and keep the Stop button on the newest message (none once `final`). Raises `ReplyGone` when a message of
-        the reply, or the channel, was deleted."""
+        and keep the Stop button on the newest message (once `final`, `button` or none). Raises `ReplyGone` when a
+        message of the reply, or the channel, was deleted."""
         if self.gone:
             raise ReplyGone
         try:
-            await self._render_parts(text, final=final)
+            await self._render_parts(text, final=final, button=button)
         except discord.NotFound as error:
             self.gone = True
             raise ReplyGone from error
 
-    async def _render_parts(self, text: str, *, final: bool) -> None:
+    async def _render_parts(self, text: str, *, final: bool, button: ButtonFactory | None = None) -> None:
         wanted = split_message(text) or [EMPTY_REPLY]
-        button_at = None if final else len(wanted) - 1
+        if final:  # a retry's old messages beyond the new text go (see `delete_surplus`)
+            self.surplus += self.messages[len(wanted) :]
+            del self.messages[len(wanted) :], self.shown[len(wanted) :]
+            if self.button_at is not None and self.button_at >= len(wanted):
+                self.button_at, self.button = None, None  # its message goes
+        else:  # until then, they wait with a placeholder below the new text
+            wanted += [RETRY_PLACEHOLDER] * (len(self.messages) - len(wanted))
+        button = button if final else self.stop_button
+        button_at = len(wanted) - 1 if button is not None else None
         plan = plan_messages(self.shown, wanted)
         edits = dict(plan.edits)
-        if self.button_at is not None and self.button_at != button_at:
-            edits.setdefault(self.button_at, self.shown[self.button_at])  # edited only to drop the button
+        if (self.button_at, self.button) != (button_at, button):  # messages edited only to change their button
+            for index in (self.button_at, button_at):
+                if index is not None and index < len(self.shown):
+                    edits.setdefault(index, self.shown[index])
         for index, content in sorted(edits.items()):
-            view = self._view_for(index, button_at)
+            view = self._view_for(index, button_at, button)
             self.messages[index] = await self.messages[index].edit(
                 content=content, view=view, allowed_mentions=NO_PINGS
             )
             self.shown[index] = content
         for content in plan.sends:
-            view = self._view_for(len(self.messages), button_at)
+            view = self._view_for(len(self.messages), button_at, button)
             if self.messages:
                 message = await self.source.channel.send(content, view=view, allowed_mentions=NO_PINGS)
             else:
@@ -221,13 +283,13 @@ class DiscordReplyView:
         if edits or plan.sends:
             self.throttle.flushed()
 
-    def _view_for(self, index: int, button_at: int | None) -> discord.ui.View | None:
-        """The view message `index` should carry: the Stop button on the newest message while the reply runs."""
-        if index != button_at:
+    def _view_for(self, index: int, button_at: int | None, button: ButtonFactory | None) -> discord.ui.View | None:
+        """The view message `index` should carry: `button` on the newest message (Stop while the reply runs)."""
+        if index != button_at or button is None:
             if self.button_at == index:
-                self.button_at = None
+                self.button_at, self.button = None, None
             return None
-        self.button_at = index
-        view = discord.ui.View(timeout=None)  # the reply removes the button when done; a timeout would leave it dead
-        view.add_item(self.stop_button(self.source.id))
+        self.button_at, self.button = index, button
+        view = discord.ui.View(timeout=None)  # a timeout would leave a dead button behind
+        view.add_item(button(self.source.id))
         return view

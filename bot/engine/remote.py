@@ -5,12 +5,16 @@ the model, its chat template and its batching. This side keeps what makes the bo
 
 - the token budget: `PromptBuilder` trims the conversation (oldest turns first) with the model's tokenizer when it
   loads offline here, else with `EstimatingTokenizer`'s conservative count; the kept messages are what is sent;
+- user text never becomes control tokens: every message is `Neutralizer`-ed before it is counted and again as it
+  leaves, so special-token text stays text on the server (the server renders the template and reads special tokens
+  in the result);
 - the busy limit: at most MAX_BATCH_SIZE requests stream from the server at once and MAX_QUEUED_REQUESTS more
   wait for one of those slots; past that, `generate()` raises `EngineBusyError` at once;
 - cancellation: each reply is read by a task of its own, so the Stop button (or leaving the loop, or shutdown)
   cancels that task, which closes the HTTP stream; the server sees the disconnect and aborts the generation;
 - errors: timeouts, refused connections, 4xx and 5xx replies and errors sent inside the stream end that one
-  request with a `GenerationError` whose `str()` is fit for users; the log gets the whole story.
+  request with a `GenerationError` whose `str()` is fit for users; the log gets the status and the server's request
+  id, and the server's own words only at DEBUG (a server may echo the request's text in them).
 
 No retries: a retry would hold a slot while the user waits on a server that just failed, and a load balancer in
 front of several replicas already moves on from a dead one.
@@ -34,9 +38,11 @@ from openai.types.chat import ChatCompletionChunk
 
 from bot.engine.api import EngineStats, FinishReason, Prompt, RequestTable, StreamBase
 from bot.engine.errors import SHUTTING_DOWN, EngineError, GenerationError
+from bot.engine.neutralize import Neutralizer
 from bot.engine.sampling import SamplingParams
 from bot.engine.templating import PromptBuilder, read_chat_template, tokenize_plain
 from bot.engine.token_estimate import BYTES_PER_TOKEN, EstimatingTokenizer
+from bot.redaction import model_name, public_urls
 from bot.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -61,7 +67,7 @@ class ServedModel:
 class RemoteModelInfo:
     """What `/info` shows for a remote model: what the server reports, and how prompts are counted here."""
 
-    base_url: str
+    base_url: str  # OPENAI_BASE_URL without credentials or query (`public_urls`)
     model: str  # the name requests are sent with (OPENAI_MODEL, else MODEL)
     served: tuple[ServedModel, ...]  # from GET /v1/models; empty when the server could not be asked
     models_error: str | None  # why GET /v1/models failed, or None
@@ -71,17 +77,18 @@ class RemoteModelInfo:
 
     @property
     def source(self) -> str:
-        return f"{self.model} (remote, {self.base_url})"
+        return f"{model_name(self.model)} (remote, {self.base_url})"
 
     def lines(self) -> list[str]:
-        """Human-readable lines for a terminal or a Discord code block, as `ModelInfo.lines()`."""
+        """Human-readable lines for a terminal or a Discord code block, as `ModelInfo.lines()`; a model the server
+        names by a path shows as its last part (`model_name`)."""
         if self.models_error is not None:
             listed = f"unknown ({self.models_error})"
         else:
-            listed = ", ".join(served.id for served in self.served) or "none"
+            listed = ", ".join(model_name(served.id) for served in self.served) or "none"
         context = f"{self.context_length} tokens" if self.context_length else "not reported (MAX_PROMPT_TOKENS)"
         return [
-            f"model:          {self.model} (remote)",
+            f"model:          {model_name(self.model)} (remote)",
             f"server:         {self.base_url}",
             f"server models:  {listed}",
             f"context length: {context}",
@@ -138,13 +145,14 @@ class RemoteEngine:
         max_queued_requests: int,
         tokenizer: Any | None = None,
     ) -> None:
-        """`tokenizer` is the model's own when it loaded here (for /tokenize), else None."""
+        """`tokenizer` is the model's own when it loaded here (for /tokenize and its special tokens), else None."""
         self._requests: RequestTable[RemoteRequestStream] = RequestTable(max_batch_size, max_queued_requests)
         self._client = client
         self._model = model
         self._prompt_builder = prompt_builder
         self._info = info
         self._tokenizer = tokenizer
+        self._neutralizer = Neutralizer.for_tokenizer(tokenizer)
         self._slots = asyncio.Semaphore(max_batch_size)
         self._background: set[asyncio.Task[None]] = set()
         self._running = True
@@ -153,6 +161,7 @@ class RemoteEngine:
     async def from_settings(cls, settings: Settings) -> RemoteEngine:
         """Connect to OPENAI_BASE_URL. A server that is down now is not fatal: requests fail until it is back."""
         model = (settings.openai_model or settings.model).strip()
+        base_url = public_urls(settings.openai_base_url)
         api_key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else NO_API_KEY
         client = AsyncOpenAI(
             base_url=settings.openai_base_url,
@@ -170,14 +179,14 @@ class RemoteEngine:
         if models_error is None and model not in {entry.id for entry in served}:
             log.warning(
                 "the server at %s does not list model %r (it lists %s); requests will likely fail",
-                settings.openai_base_url,
-                model,
-                ", ".join(entry.id for entry in served) or "none",
+                base_url,
+                model_name(model),
+                ", ".join(model_name(entry.id) for entry in served) or "none",
             )
         reported = next((entry.max_model_len for entry in served if entry.id == model), None)
         context_length = reported or (local.context_length if local else None)
         if local is not None:
-            tokenizer, counting = local.tokenizer, f"the model's tokenizer ({local.source})"
+            tokenizer, counting = local.tokenizer, f"the model's tokenizer ({model_name(model)}, loaded offline)"
         else:
             tokenizer, counting = None, f"estimate, 1 token per {BYTES_PER_TOKEN} UTF-8 bytes (no local tokenizer)"
         builder = PromptBuilder(
@@ -187,14 +196,14 @@ class RemoteEngine:
             chat_template=chat_template if tokenizer is not None else None,
         )
         info = RemoteModelInfo(
-            base_url=settings.openai_base_url,
+            base_url=base_url,
             model=model,
             served=served,
             models_error=models_error,
             context_length=context_length,
             token_counting=counting,
         )
-        log.info("remote model %s at %s; token counting: %s", model, settings.openai_base_url, counting)
+        log.info("remote model %s at %s; token counting: %s", model_name(model), base_url, counting)
         return cls(
             client,
             model=model,
@@ -231,8 +240,13 @@ class RemoteEngine:
         return tokenize_plain(self._tokenizer, text)
 
     async def prepare(self, messages: Sequence[Mapping[str, str]], max_new_tokens: int) -> Prompt:
-        """Trim the chat to the token budget, in a worker thread; `Prompt.messages` is what will be sent."""
-        return await asyncio.to_thread(self._prompt_builder.build, list(messages), max_new_tokens)
+        """Neutralise and trim the chat to the token budget, in a worker thread; `Prompt.messages` is what will be
+        sent, counted as the server will count it."""
+
+        def build() -> Prompt:
+            return self._prompt_builder.build(self._neutralizer.messages(messages), max_new_tokens)
+
+        return await asyncio.to_thread(build)
 
     def generate(self, prompt: Prompt, params: SamplingParams) -> RemoteRequestStream:
         """Send the request and return its stream at once. Raises `EngineBusyError` at once when the queue is full."""
@@ -242,7 +256,9 @@ class RemoteEngine:
             raise ValueError("the remote engine needs a Prompt from prepare(), with its messages")
         stream = RemoteRequestStream(f"llamacord-{uuid.uuid4().hex}", prompt.num_tokens, self._abort)
         self._requests.admit(stream)
-        stream._task = asyncio.create_task(self._run(stream, list(prompt.messages), params))
+        # Neutralised again whatever made the Prompt: this is where user text leaves (idempotent, a few ms at most).
+        messages = self._neutralizer.messages(prompt.messages)
+        stream._task = asyncio.create_task(self._run(stream, messages, params))
         return stream
 
     async def shutdown(self, drain_timeout_s: float = 0.0) -> None:
@@ -297,7 +313,7 @@ class RemoteEngine:
             stream._finish(FinishReason.CANCELLED)
             raise
         except openai.OpenAIError as error:
-            log.error("remote request %s failed: %s", stream.request_id, _describe(error))
+            _log_failure(logging.ERROR, f"remote request {stream.request_id} failed", error)
             stream._finish(FinishReason.ERROR, GenerationError(user_message(error)))
         except httpx2.TransportError as error:  # mid-stream the client does not wrap these in its own errors
             log.error("remote request %s lost its connection: %r", stream.request_id, error)
@@ -357,7 +373,7 @@ def transport_message(error: httpx2.TransportError) -> str:
 
 
 def user_message(error: openai.OpenAIError) -> str:
-    """A short message for the user; `_describe` gives the log the details."""
+    """A short message for the user; `_log_failure` gives the log the details."""
     if isinstance(error, openai.APITimeoutError):
         return TIMED_OUT
     if isinstance(error, openai.APIConnectionError):
@@ -374,16 +390,31 @@ def user_message(error: openai.OpenAIError) -> str:
     return "The model server stopped with an error. Please try again."
 
 
+def _log_failure(level: int, what: str, error: openai.OpenAIError) -> None:
+    """`what` failed: the status, the server's request id or the connection error at `level`; the server's own words
+    only at DEBUG, cut short: some servers echo the request in them, and message content is only logged at DEBUG."""
+    words = _server_words(error)
+    hint = "; the server's answer is logged at DEBUG" if words else ""
+    log.log(level, "%s: %s%s", what, _describe(error), hint)
+    if words:
+        log.debug("%s: the server answered: %s", what, words[:LOGGED_BODY_CHARS])
+
+
 def _describe(error: openai.OpenAIError) -> str:
-    """The details for the log. The server's error body is cut short: some servers echo the request in it, and
-    message content is only logged at DEBUG."""
+    """What may be logged at any level: no text from the server."""
     if isinstance(error, openai.APIStatusError):
-        body = str(error.body or error.message)
-        return f"HTTP {error.status_code} (server request id {error.request_id}): {body[:LOGGED_BODY_CHARS]}"
-    if isinstance(error, openai.APIError):
+        return f"HTTP {error.status_code} (server request id {error.request_id})"
+    if isinstance(error, openai.APIConnectionError):  # the client's own words, and the connection's error
         cause = f" ({error.__cause__!r})" if error.__cause__ is not None else ""
-        return f"{type(error).__name__}: {error.message}{cause}; body: {str(error.body)[:LOGGED_BODY_CHARS]}"
-    return repr(error)
+        return f"{type(error).__name__}: {error.message}{cause}"
+    return type(error).__name__
+
+
+def _server_words(error: openai.OpenAIError) -> str | None:
+    """The server's error body or message, if it sent one."""
+    if isinstance(error, openai.APIConnectionError) or not isinstance(error, openai.APIError):
+        return None
+    return str(error.body or error.message)
 
 
 async def _list_models(client: AsyncOpenAI) -> tuple[tuple[ServedModel, ...], str | None]:
@@ -391,7 +422,7 @@ async def _list_models(client: AsyncOpenAI) -> tuple[tuple[ServedModel, ...], st
     try:
         page = await client.models.list()
     except openai.OpenAIError as error:
-        log.warning("cannot list the server's models: %s", _describe(error))
+        _log_failure(logging.WARNING, "cannot list the server's models", error)
         return (), user_message(error)
     return tuple(served_model(entry) for entry in page.data), None
 
@@ -408,7 +439,6 @@ def served_model(entry: Model) -> ServedModel:
 @dataclass(frozen=True, slots=True)
 class _LocalTokenizer:
     tokenizer: Any
-    source: str
     context_length: int | None
 
 
@@ -430,4 +460,4 @@ def _load_local_tokenizer(model: str, has_template: bool) -> _LocalTokenizer | N
         context_length = getattr(config.get_text_config(), "max_position_embeddings", None)
     except Exception:
         context_length = None
-    return _LocalTokenizer(tokenizer, f"{model}, loaded offline", context_length)
+    return _LocalTokenizer(tokenizer, context_length)

@@ -21,6 +21,7 @@ from tests.support.bot_harness import (
     RecordingEngine,
     RunningBot,
     bot_settings,
+    eventually,
     running_bot,
     smollm2_engine,
     wait_for_reply,
@@ -65,6 +66,29 @@ async def test_a_text_file_joins_the_turn_with_its_name(fake: FakeDiscord, bot: 
     # The model reads it under Alice's name, the file's lines as written (not quoted as a speaker's).
     assert bot.engine.prepared[-1][-1] == {"role": "user", "content": f"Alice: {turn}"}
     assert fetched(fake) == ["notes.txt"]
+
+
+async def test_an_edited_message_keeps_its_file_in_the_stored_turn(fake: FakeDiscord, bot: RunningBot) -> None:
+    notes = FakeFile("notes.txt", b"The barn door is painted green.\n", "text/plain")
+    question, _ = await ask(fake, bot, "what colour is the door?", notes)
+    await fake.edit_message(question.message_id, f"<@{fake.bot_user.id}> what colour is the barn door?")
+
+    async def edited() -> StoredMessage | None:
+        history = await bot.store.load_history(fake.general_id, 10)
+        return next(
+            (
+                m
+                for m in history
+                if m.message_id == question.message_id and m.content.startswith("what colour is the barn")
+            ),
+            None,
+        )
+
+    stored = await eventually(edited, what="the edit to be stored")
+    assert (
+        stored.content
+        == "what colour is the barn door?\n\nnotes.txt (attached):\n```\nThe barn door is painted green.\n```"
+    )
 
 
 async def test_files_are_fetched_at_once_within_one_timeout(fake: FakeDiscord, bot: RunningBot) -> None:

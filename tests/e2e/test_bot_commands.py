@@ -6,7 +6,6 @@ Permissions are checked in the bot's code, so each refusal here comes from a mem
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -36,17 +35,6 @@ from tests.support.fake_discord import (
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 
-@pytest.fixture
-def database(tmp_path: Path) -> Path:
-    return tmp_path / "bot.sqlite3"
-
-
-@pytest.fixture
-async def bot(fake: FakeDiscord, engine: RecordingEngine, database: Path) -> AsyncIterator[RunningBot]:
-    async with running_bot(bot_settings(fake, database, temperature=0.0), engine) as bot:
-        yield bot
-
-
 def ephemeral(answer: dict[str, Any]) -> bool:
     return bool(int(answer.get("flags") or 0) & EPHEMERAL_FLAG)
 
@@ -57,7 +45,7 @@ def embed_fields(answer: dict[str, Any]) -> dict[str, str]:
 
 async def test_commands_are_synced_at_start_up(fake: FakeDiscord, bot: RunningBot) -> None:
     names = {command["name"] for command in fake.commands[None]}
-    assert names == {"reset", "system", "config", "info", "tokenize"}
+    assert names == {"reset", "system", "config", "info", "tokenize", "forget"}
     config = fake.command("config")
     options = {option["name"]: option for option in config["options"]}
     assert [choice["value"] for choice in options["reply_mode"]["choices"]] == ["mention", "all"]
@@ -174,6 +162,7 @@ async def test_info_shows_the_model_and_the_queue(fake: FakeDiscord, bot: Runnin
     answer = await fake.wait_for_response(await fake.slash("info", user=fake.alice))
     embed = answer["embeds"][0]
     assert tiny_engine.info.source in embed["description"]
+    assert "/" + tiny_engine.info.source not in embed["description"], "the model's path on the host is shown"
     assert f"vocab size:     {tiny_engine.info.vocab_size}" in embed["description"]
     fields = embed_fields(answer)
     assert fields["Waiting"] == "0"
@@ -192,6 +181,7 @@ async def test_config_needs_manage_server_shows_validates_and_changes(fake: Fake
         "temperature": "`0` (default)",
         "top_p": "`0.9` (default)",
         "max_new_tokens": "`24` (default)",
+        "role": "anyone (default)",
     }
 
     for bad, named in (({"top_p": 0.0}, "top_p"), ({"temperature": 5.0, "max_new_tokens": 10}, "temperature")):

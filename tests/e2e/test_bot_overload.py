@@ -202,7 +202,7 @@ async def test_a_channel_the_bot_may_not_post_in_is_not_answered_at_all(
 async def test_commands_work_in_servers_and_the_bots_own_dm_but_change_nothing_in_a_group_dm(
     fake: FakeDiscord, bot: RunningBot
 ) -> None:
-    for name in ("reset", "system", "config", "info", "tokenize"):
+    for name in ("reset", "system", "config", "info", "tokenize", "forget"):
         command = fake.command(name)
         assert (command["contexts"], command["integration_types"]) == ([0, 1], [0]), name
 

@@ -29,7 +29,7 @@ LAYERS: dict[str, int] = {
     "bot.terminal": ADAPTER,
     "bot.replies": ADAPTER,
     "bot.chat": PIPELINE,
-    "bot.engine": ENGINE_API,  # the package, api, errors, sampling, templating, token_estimate
+    "bot.engine": ENGINE_API,  # the package, api, errors, sampling, templating, token_estimate, neutralize
     "bot.engine.local": ENGINES,
     "bot.engine.remote": ENGINES,
     "bot.engine.backend": ENGINES,  # create_engine: the one way from above to a concrete engine

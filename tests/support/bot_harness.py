@@ -248,7 +248,8 @@ def reply_done(fake: FakeDiscord, message_id: int) -> list[dict[str, Any]] | Non
     """The bot's finished reply to a message (its messages, first to last), or None while it is still going.
 
     A reply is its first message (which replies to the user's) and the continuations after it, up to the next
-    message that replies to something. Finished means none of them carries the Stop button. (For a moment while
+    message that replies to something. Finished means none of them carries the Stop button (the last may carry
+    Retry). (For a moment while
     a long reply moves the button to its next message, that is true too: `wait_for_reply` also waits for the
     stored answer.)
     """
@@ -261,7 +262,14 @@ def reply_done(fake: FakeDiscord, message_id: int) -> list[dict[str, Any]] | Non
         if message.get("message_reference"):
             break
         messages.append(message)
-    return None if any(m.get("components") for m in messages) else messages
+    return None if any("Stop" in buttons(m) for m in messages) else messages
+
+
+def buttons(message: dict[str, Any]) -> list[str]:
+    """The labels of a message's buttons, as it stands on the fake (or as a body sent to it)."""
+    return [
+        component.get("label", "") for row in message.get("components") or [] for component in row.get("components", [])
+    ]
 
 
 async def wait_for_reply(

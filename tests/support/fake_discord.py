@@ -17,9 +17,10 @@ One aiohttp app serves both halves on a random port:
   "Invalid Form Body" error (code 50035) and listed in `rejected`, so no test passes with what Discord would refuse.
 - Deferred interaction responses as Discord has them: the first follow-up after a deferral replaces the loading
   message and keeps the deferral's visibility (its own ephemeral flag is ignored).
-- Deletions as Discord sends them: `delete_message` and `bulk_delete` remove messages and send MESSAGE_DELETE /
-  MESSAGE_DELETE_BULK (ids only, as the raw events carry them); an edit of a deleted message is answered 404
-  "Unknown Message". Reactions the bot adds are kept in `reactions`.
+- Deletions and edits as Discord sends them: `delete_message` and `bulk_delete` remove messages and send
+  MESSAGE_DELETE / MESSAGE_DELETE_BULK (ids only, as the raw events carry them); an edit of a deleted message is
+  answered 404 "Unknown Message". `edit_message` (a user's edit) and every edit the bot makes send MESSAGE_UPDATE
+  with the whole message. Reactions the bot adds are kept in `reactions`.
 - Channel permissions: `add_channel(..., bot_denied=SEND_MESSAGES)` gives the bot a member overwrite that denies
   those bits, and a post there is answered 403 "Missing Permissions", as Discord does.
 - Attachments as Discord's CDN serves them: `send_message(..., attachments=[FakeFile(...)])` gives the message
@@ -80,6 +81,8 @@ CALLBACK_MESSAGE, CALLBACK_DEFERRED_MESSAGE, CALLBACK_UPDATE = 4, 5, 7  # 6 (def
 MESSAGE_DEFAULT, MESSAGE_REPLY = 0, 19
 CHANNEL_TEXT, CHANNEL_DM, CHANNEL_GROUP_DM, CHANNEL_PUBLIC_THREAD = 0, 1, 3, 11
 CONTEXT_GUILD, CONTEXT_BOT_DM, CONTEXT_PRIVATE_CHANNEL = 0, 1, 2  # an interaction's `context`
+OPTION_ROLE = 8  # a slash command option's type
+SNOWFLAKE_OPTIONS = (6, 7, OPTION_ROLE, 9, 11)  # user, channel, role, mentionable, attachment
 EPHEMERAL_FLAG = 1 << 6
 LOADING_FLAG = 1 << 7  # a deferred response's "thinking…" message
 
@@ -343,6 +346,13 @@ class FakeDiscord:
             channel["permission_overwrites"].append(overwrite)
         return channel_id
 
+    def add_role(self, name: str, *, permissions: int = 0) -> int:
+        """Another role in the first guild (give it to a `FakeUser` through `role_ids`); returns its id. Add roles
+        before the bot connects."""
+        role_id = self.snowflake()
+        self.roles[role_id] = self._role(role_id, name, permissions, len(self.roles))
+        return role_id
+
     def bot_denied(self, channel_id: int) -> int:
         """The permission bits the bot's member overwrite denies in a channel (0 where it has none)."""
         channel = self.channels.get(channel_id) or {}
@@ -500,6 +510,12 @@ class FakeDiscord:
         content_type = file.content_type or "application/octet-stream"
         return web.Response(body=file.data, headers={"Content-Type": content_type})
 
+    async def edit_message(self, message_id: int, content: str) -> None:
+        """Its author edits a message: MESSAGE_UPDATE (the whole message, as Discord sends it) goes to the bot."""
+        message = self.messages[message_id]
+        message["content"], message["edited_timestamp"] = content, _now_iso()
+        await self.dispatch("MESSAGE_UPDATE", message)
+
     async def delete_message(self, message_id: int) -> None:
         """Someone deletes a message: MESSAGE_DELETE goes to the bot (ids only, as Discord sends it)."""
         message = self.messages.pop(message_id)
@@ -537,8 +553,15 @@ class FakeDiscord:
             "id": command["id"],
             "name": name,
             "type": 1,
-            "options": [{"name": k, "type": option_types[k], "value": v} for k, v in (options or {}).items()],
+            "options": [
+                # Discord sends the id of a user, channel or role as a string.
+                {"name": k, "type": option_types[k], "value": str(v) if option_types[k] in SNOWFLAKE_OPTIONS else v}
+                for k, v in (options or {}).items()
+            ],
         }
+        roles = [int(v) for k, v in (options or {}).items() if option_types[k] == OPTION_ROLE]
+        if roles:  # Discord sends the objects an option names alongside
+            data["resolved"] = {"roles": {str(role_id): self.roles[role_id] for role_id in roles}}
         if command.get("guild_id"):
             data["guild_id"] = command["guild_id"]
         return await self._interact(INTERACTION_COMMAND, data, user, channel_id, permissions, app_permissions)
@@ -938,6 +961,7 @@ class FakeDiscord:
             if message is not None and method == "PATCH":
                 self._apply_message_body(message, body)
                 message["edited_timestamp"] = _now_iso()
+                await self.dispatch("MESSAGE_UPDATE", message)  # as Discord does, the bot hears its own edits
                 return json_response(message)
             if message is not None and method == "DELETE":
                 await self.delete_message(int(match[2]))

@@ -8,6 +8,7 @@ import json
 import logging
 import re
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -15,6 +16,9 @@ from bot.engine.api import FinishReason, RequestMetrics
 from bot.logs import REPLY_LOGGER, LogfmtFormatter, configure_logging, log_reply, tokens_per_second
 from bot.settings import Settings
 
+CHATTY = ("httpx", "httpx2")  # huggingface_hub's client, and the OpenAI client's
+BOT_TOKEN = "MTIzNDU2Nzg5MDEyMzQ1Njc4.GabcDE.bot-token-secret-part-0123456789"
+INTERACTION_TOKEN = "aW50ZXJhY3Rpb246MTIzNDU2Nzg5MDEyMzQ1Njc4OnNlY3JldA"
 PAIR = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|[^\s"]*)(?:\s|$)')
 
 
@@ -47,18 +51,37 @@ def parse_line(line: str) -> dict[str, str]:
     return fields
 
 
-@pytest.fixture
-def captured() -> Iterator[io.StringIO]:
-    """Logging configured into a buffer; the root logger's level and handlers are restored afterwards."""
+@contextmanager
+def restored_logging() -> Iterator[None]:
+    """The root logger's level and handlers, and the chatty loggers' levels, as they were before."""
     root = logging.getLogger()
     saved_level, saved_handlers = root.level, list(root.handlers)
-    httpx_level = logging.getLogger("httpx").level
+    chatty_levels = {name: logging.getLogger(name).level for name in CHATTY}
+    try:
+        yield
+    finally:
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
+        for name, level in chatty_levels.items():
+            logging.getLogger(name).setLevel(level)
+
+
+@pytest.fixture
+def captured() -> Iterator[io.StringIO]:
+    """Logging configured into a buffer at INFO."""
     stream = io.StringIO()
-    configure_logging("INFO", stream)
-    yield stream
-    root.handlers[:] = saved_handlers
-    root.setLevel(saved_level)
-    logging.getLogger("httpx").setLevel(httpx_level)
+    with restored_logging():
+        configure_logging("INFO", stream)
+        yield stream
+
+
+@pytest.fixture
+def captured_debug() -> Iterator[io.StringIO]:
+    """Logging configured into a buffer at DEBUG, knowing the bot token as a secret."""
+    stream = io.StringIO()
+    with restored_logging():
+        configure_logging("DEBUG", stream, secrets=[BOT_TOKEN, ""])  # an empty secret must redact nothing
+        yield stream
 
 
 def lines(stream: io.StringIO) -> list[dict[str, str]]:
@@ -112,21 +135,14 @@ def test_tokens_per_second_is_decode_speed(request_metrics: RequestMetrics, expe
 
 
 def test_log_level_is_obeyed() -> None:
-    root = logging.getLogger()
-    saved_level, saved_handlers = root.level, list(root.handlers)
-    httpx_level = logging.getLogger("httpx").level
     stream = io.StringIO()
-    try:
+    with restored_logging():
         configure_logging(Settings(_env_file=None, log_level="warning").log_level, stream)
         logging.getLogger("bot.test").info("hidden")
         logging.getLogger("bot.test").warning("shown")
-        assert root.level == logging.WARNING
+        assert logging.getLogger().level == logging.WARNING
         configure_logging("DEBUG", stream)
         logging.getLogger("bot.test").debug("now shown")
-    finally:
-        root.handlers[:] = saved_handlers
-        root.setLevel(saved_level)
-        logging.getLogger("httpx").setLevel(httpx_level)
 
     assert [line["msg"] for line in lines(stream)] == ["shown", "now shown"]
 
@@ -145,9 +161,10 @@ def test_reconfiguring_replaces_only_its_own_handler(captured: io.StringIO) -> N
     assert [line["msg"] for line in lines(captured)] == ["once"]
 
 
-def test_http_request_chatter_is_quiet_at_info(captured: io.StringIO) -> None:
-    logging.getLogger("httpx").info('HTTP Request: GET https://huggingface.co/x "HTTP/1.1 200 OK"')
-    logging.getLogger("httpx").warning("retrying")
+@pytest.mark.parametrize("name", CHATTY)
+def test_http_request_chatter_is_quiet_at_info(captured: io.StringIO, name: str) -> None:
+    logging.getLogger(name).info('HTTP Request: GET https://huggingface.co/x "HTTP/1.1 200 OK"')
+    logging.getLogger(name).warning("retrying")
 
     assert [line["msg"] for line in lines(captured)] == ["retrying"]
 
@@ -186,3 +203,45 @@ def test_continuous_batching_logs_come_out_in_our_format_and_level(captured: io.
     assert [(line["logger"], line["msg"]) for line in lines(captured)] == [
         ("ContinuousBatchingLogger", "cache nearly full")
     ]
+
+
+def test_interaction_tokens_are_redacted_even_at_debug(captured_debug: io.StringIO) -> None:
+    """What discord.py logs at DEBUG: the interaction callback and webhook URLs, and the gateway's events."""
+    http, gateway = logging.getLogger("discord.http"), logging.getLogger("discord.gateway")
+    callback = f"https://discord.com/api/v10/interactions/1234/{INTERACTION_TOKEN}/callback?with_response=true"
+    http.debug("%s %s with %s has returned %s", "POST", callback, '{"type": 4}', 204)
+    http.debug(
+        "PATCH https://discord.com/api/v10/webhooks/99/%s/messages/@original has returned 200", INTERACTION_TOKEN
+    )
+    event = {"t": "INTERACTION_CREATE", "op": 0, "d": {"id": "1234", "token": INTERACTION_TOKEN, "type": 2}}
+    gateway.debug("For Shard ID %s: WebSocket Event: %s", None, event)
+    gateway.debug("received %s", json.dumps(event))
+
+    text = captured_debug.getvalue()
+    assert INTERACTION_TOKEN not in text
+    assert [line["msg"].count("[redacted]") for line in lines(captured_debug)] == [1, 1, 1, 1]
+    assert "/interactions/1234/[redacted]/callback" in text and "/webhooks/99/[redacted]/messages/@original" in text
+
+
+def test_secrets_are_redacted_from_arguments_fields_and_tracebacks(captured_debug: io.StringIO) -> None:
+    log = logging.getLogger("bot.test")
+    log.debug("identify with %s", {"token": BOT_TOKEN}, extra={"header": f"Bot {BOT_TOKEN}"})
+    try:
+        raise RuntimeError(f"login failed for {BOT_TOKEN} at http://llamacord:hunter2@127.0.0.1:8000/v1?key=k")
+    except RuntimeError:
+        log.exception("start-up failed")
+    log.warning("cannot reach %s", "http://llamacord:hunter2@127.0.0.1:8000/v1?key=k")
+
+    text = captured_debug.getvalue()
+    assert BOT_TOKEN not in text and "hunter2" not in text and "key=k" not in text
+    identify, failed, warned = lines(captured_debug)
+    assert identify["header"] == "Bot [redacted]"
+    assert failed["exc"].endswith("RuntimeError: login failed for [redacted] at http://127.0.0.1:8000/v1")
+    assert warned["msg"] == "cannot reach http://127.0.0.1:8000/v1"
+
+
+def test_a_record_whose_arguments_do_not_fit_is_still_written_redacted(captured_debug: io.StringIO) -> None:
+    logging.getLogger("bot.test").warning("one %s two %s", BOT_TOKEN)
+
+    [line] = lines(captured_debug)
+    assert BOT_TOKEN not in line["msg"] and "[redacted]" in line["msg"]

@@ -99,6 +99,22 @@ def test_other_bad_values_are_still_shown() -> None:
         load_settings(temperature="hot")
 
 
+def test_a_bad_url_is_shown_without_its_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_BASE_URL", "ftp://llamacord:s3cret@models.internal/v1?key=k")
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    message = str(caught.value)
+    assert "OPENAI_BASE_URL" in message and "'ftp://models.internal/v1'" in message
+    assert "s3cret" not in message and "key=k" not in message
+
+
+def test_secret_values_are_every_secret_setting_that_is_set() -> None:
+    settings = load_settings(discord_token="bot-token", openai_api_key="api-key", hf_token=None)
+    assert sorted(settings.secret_values()) == ["api-key", "bot-token"]
+    with_database = load_settings(database_url="postgresql://u:pw@db/llamacord")
+    assert with_database.secret_values() == ["postgresql://u:pw@db/llamacord"]
+
+
 def test_sharding_is_off_by_default() -> None:
     settings = load_settings()
     assert settings.shard_count is None and settings.shard_ids is None

@@ -1,4 +1,9 @@
-"""`ModelInfo`: a look inside the loaded model and tokenizer, as one object for `/info` and `llamacord info`."""
+"""`ModelInfo`: a look inside the loaded model and tokenizer, as one object for `/info` and `llamacord info`.
+
+Both print the same lines, which name the model (the hub id, or the directory or file name) and never its path on the
+host: `/info` answers anyone in a server, and one rendering keeps the two alike. An operator at the terminal has the
+path already: it is MODEL, and the "loading ..." log line names it in full.
+"""
 
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ class SpecialToken:
 
 @dataclass(frozen=True, slots=True)
 class ModelInfo:
-    source: str  # the hub id, directory or .gguf file MODEL named
+    source: str  # the hub id, or the name of the directory or .gguf file MODEL named: never a path on the host
     architecture: str
     parameter_count: int  # tied weights counted once
     dtype: str
@@ -41,7 +46,7 @@ class ModelInfo:
     bos: SpecialToken | None
     eos: tuple[SpecialToken, ...]  # every id generation stops on (Llama 3.2 has several)
     pad: SpecialToken | None
-    chat_template_origin: str  # "tokenizer" or the CHAT_TEMPLATE_PATH file
+    chat_template_origin: str  # "tokenizer" or the CHAT_TEMPLATE_PATH file's name
     chat_template: str  # the Jinja source
     chat_template_preview: str  # a short chat rendered with it: what the model really sees
     generation_config: dict[str, Any]  # the values that differ from transformers' defaults
@@ -87,7 +92,7 @@ def collect_model_info(loaded: LoadedModel) -> ModelInfo:
         if not key.startswith("_") and key != "transformers_version"
     }
     return ModelInfo(
-        source=loaded.source,
+        source=loaded.name,
         architecture=(model.config.architectures or [type(model).__name__])[0],
         parameter_count=sum(parameter.numel() for parameter in model.parameters()),
         dtype=str(loaded.dtype).removeprefix("torch."),

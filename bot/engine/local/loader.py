@@ -32,6 +32,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from bot.engine.errors import ModelLoadError
 from bot.engine.local.cpu_linear import can_pack, pack_linear_weights
 from bot.engine.templating import read_chat_template
+from bot.redaction import model_name
 from bot.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -49,9 +50,10 @@ class LoadedModel:
     model: Any  # a transformers PreTrainedModel
     tokenizer: Any  # a transformers tokenizer
     source: str  # what MODEL named: a hub id, a directory, a .gguf file, or "smollm2 (<gguf path>)"
+    name: str  # how the model is shown (`model_name`): the hub id, or the directory or file name, never a path
     device: torch.device
     dtype: torch.dtype
-    chat_template_origin: str = "tokenizer"  # or the CHAT_TEMPLATE_PATH file that replaced the tokenizer's
+    chat_template_origin: str = "tokenizer"  # or the name of the CHAT_TEMPLATE_PATH file that replaced the tokenizer's
 
 
 def load_model(settings: Settings) -> LoadedModel:
@@ -59,12 +61,12 @@ def load_model(settings: Settings) -> LoadedModel:
     device, dtype = pick_device_and_dtype(settings.device, settings.dtype)
     template_path = settings.chat_template_path
     template = read_chat_template(template_path) if template_path is not None else None
-    origin = str(template_path) if template_path is not None else "tokenizer"
+    origin = template_path.name if template_path is not None else "tokenizer"
     name = settings.model.strip()
     token = settings.hf_token.get_secret_value() if settings.hf_token else None
     if name.lower() == SMOLLM2_ALIAS:
         gguf = smollm2_gguf_path()
-        source = f"{SMOLLM2_ALIAS} ({gguf})"
+        source, shown = f"{SMOLLM2_ALIAS} ({gguf})", model_name(str(gguf))
         path: str = str(convert_gguf(gguf, settings.model_cache_dir))
     else:
         local = Path(name).expanduser()
@@ -82,6 +84,7 @@ def load_model(settings: Settings) -> LoadedModel:
             )
         else:
             source = path = name
+        shown = model_name(source)
     log.info("loading %s on %s as %s", source, device, str(dtype).removeprefix("torch."))
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, token=token)
@@ -93,7 +96,7 @@ def load_model(settings: Settings) -> LoadedModel:
         log.info("packed %d linear layers for oneDNN", pack_linear_weights(model))
     if template is not None:
         tokenizer.chat_template = template
-    return LoadedModel(model, tokenizer, source, device, dtype, origin)
+    return LoadedModel(model, tokenizer, source, shown, device, dtype, origin)
 
 
 def pick_device_and_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:

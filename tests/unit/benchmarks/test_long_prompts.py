@@ -13,4 +13,9 @@ def test_the_long_prompt_benchmark_measures_both_attentions(tmp_path: Path) -> N
     report = json.loads((tmp_path / "long_prompts.json").read_text())
     assert set(report["summary"]) == {"sdpa", "varlen"}
     for summary in report["summary"].values():
-        assert summary["long"]["together_last_s"] >= summary["long"]["alone_s"] > 0
+        # Figures only: which is faster at these tiny sizes is noise, and not this test's to judge.
+        for size in ("long", "half"):
+            figures = summary[size]
+            assert figures["alone_s"] > 0 and figures["together_last_s"] > 0
+            assert figures["ratio"] == figures["together_last_s"] / figures["alone_s"]
+        assert summary["rss_after_start_gib"] > 0

@@ -103,6 +103,7 @@ class RecordingView:
         self.shown: list[str] = []
         self.final: str | None = None
         self.abandoned: str | None = None
+        self.retry: bool | None = None  # whether `finish` offered to answer again
         self.places: list[int] = []
 
     @asynccontextmanager
@@ -118,8 +119,8 @@ class RecordingView:
     async def waiting(self, ahead: int) -> None:
         self.places.append(ahead)
 
-    async def finish(self, text: str) -> list[int]:
-        self.final = text
+    async def finish(self, text: str, *, retry: bool) -> list[int]:
+        self.final, self.retry = text, retry
         return [555, 556]
 
     async def abandon(self, text: str) -> None:
@@ -271,6 +272,31 @@ async def test_a_deleted_reply_ends_quietly_as_cancelled_and_keeps_nothing_delet
     assert [(m.role, m.content) for m in await store.load_history(CHANNEL, 10)] == expected
 
 
+async def test_retry_answers_the_newest_turn_again_and_replaces_its_stored_reply(store: Store) -> None:
+    engine = ScriptedEngine(["first"])
+    pipeline = pipeline_on(store, engine)
+    await answer(pipeline, "earlier question")
+    view, _ = await answer(pipeline, "the question")
+    assert view.retry is True  # stored, so it may be answered again
+    exchange = await pipeline.newest_exchange(CHANNEL)
+    assert exchange is not None and exchange.question.content == "the question"
+    assert exchange.reply is not None and exchange.reply.content == "first"
+
+    engine.pieces = ["second"]
+    views: list[RecordingView] = []
+
+    def view_of(reply: Reply) -> RecordingView:
+        views.append(RecordingView(reply))
+        return views[-1]
+
+    result = await pipeline.retry(exchange, ("server", ALICE.id), view_of, assistant=BOT)
+    assert result.outcome is ReplyOutcome.COMPLETED and views[0].final == "second"
+    assert engine.chats[-1] == engine.chats[-2], "the retry saw the conversation the first answer saw"
+    history = await store.load_history(CHANNEL, 10)
+    assert [m.content for m in history] == ["earlier question", "first", "the question", "second"]
+    assert history[3].id == exchange.reply.id and history[3].message_id == 555
+
+
 async def test_a_blank_reply_is_shown_but_not_stored(store: Store) -> None:
     view, _ = await answer(pipeline_on(store, ScriptedEngine(["\n", "  "])), "say nothing")
     assert view.final == "\n  "
@@ -364,9 +390,11 @@ async def test_a_request_waits_its_turn_shows_its_place_and_stop_takes_it_out(st
     await views[0].reply.stop()  # the Stop button on the placeholder
     result = await asyncio.wait_for(waiting, 5)
     assert result.outcome is ReplyOutcome.CANCELLED and views[0].final == STOPPED_NOTE
+    assert views[0].retry is False, "nothing was stored to answer again"
     assert pipeline.queue.waiting == 0 and len(engine.streams) == 1, "it never reached the engine"
     engine.streams[0].release()
-    await asyncio.wait_for(first, 5)
+    first_view, _ = await asyncio.wait_for(first, 5)
+    assert first_view.retry is True
     assert [m.content for m in await store.load_history(CHANNEL, 10) if m.role is Role.USER] == ["the first question"]
 
 

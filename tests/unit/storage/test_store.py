@@ -196,6 +196,11 @@ async def test_settings_persist_across_reopen_and_none_restores_default(store: S
         third = await reopened.update_channel_settings(CHANNEL, changed_by=MOD, temperature=None, system_prompt=None)
         assert (third.temperature, third.system_prompt) == (None, None)
         assert (third.top_p, third.max_new_tokens, third.reply_mode) == (0.5, 64, ReplyMode.ALL)
+        # A required role (a Discord snowflake, past 2**53) is kept exactly.
+        role = await reopened.update_channel_settings(CHANNEL, changed_by=MOD, required_role_id=2**62 + 3)
+        assert role.required_role_id == 2**62 + 3 and role.top_p == 0.5
+        third = await reopened.update_channel_settings(CHANNEL, changed_by=MOD, required_role_id=None)
+        assert third.required_role_id is None
 
     async with database.open() as again:
         assert await again.get_channel_settings(CHANNEL) == third
@@ -229,6 +234,8 @@ async def test_settings_edge_values_and_terminal_changer(store: Store) -> None:
         ({"reply_mode": "sometimes"}, ValueError, "reply_mode"),
         ({"system_prompt": 7}, TypeError, "system_prompt"),
         ({"temperature": "hot"}, TypeError, "temperature"),
+        ({"required_role_id": -1}, ValueError, "required_role_id"),
+        ({"required_role_id": "123"}, TypeError, "required_role_id"),
     ],
 )
 async def test_bad_settings_are_rejected_before_anything_is_written(

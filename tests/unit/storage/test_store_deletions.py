@@ -186,7 +186,10 @@ async def test_purging_takes_any_time_zone_and_keeps_a_newer_reply_to_a_purged_q
 
 async def test_a_retried_reply_replaces_the_text_and_the_discord_messages(store: Store) -> None:
     question, answer = await exchange(store, CHANNEL, ALICE, 10, parts=2)
+    assert await store.discord_message_ids(answer.id) == [discord_id(11), discord_id(12), discord_id(13)]
     await store.update_reply(answer.id, "a better answer", message_id=discord_id(50), part_ids=[discord_id(51)])
+    assert await store.discord_message_ids(answer.id) == [discord_id(50), discord_id(51)]
+    assert await store.discord_message_ids(answer.id + 1000) == []
     [_, retried] = await store.load_history(CHANNEL, 10)
     assert (retried.id, retried.content, retried.message_id) == (answer.id, "a better answer", discord_id(50))
     assert (retried.reply_to_id, retried.created_at) == (question.id, answer.created_at)

@@ -32,7 +32,7 @@ def llama_parameter_count(config: object) -> int:
 
 def test_architecture_and_size(info: ModelInfo, loaded: LoadedModel) -> None:
     config = loaded.model.config
-    assert info.source == loaded.source
+    assert info.source == loaded.name
     assert info.architecture == "LlamaForCausalLM"
     assert info.parameter_count == llama_parameter_count(config)
     assert info.parameter_count == sum(p.numel() for p in loaded.model.parameters())
@@ -83,6 +83,12 @@ def test_lines_show_every_field(info: ModelInfo) -> None:
         '"top_p": 0.9',
     ]:
         assert expected in text
+
+
+def test_lines_name_the_model_without_its_path_on_the_host(info: ModelInfo, tiny_model_dir: Path) -> None:
+    text = "\n".join(info.lines())
+    assert f"model:          {tiny_model_dir.name}\n" in text
+    assert str(tiny_model_dir.parent) not in text
 
 
 def test_info_is_frozen(info: ModelInfo) -> None:

@@ -55,6 +55,7 @@ def test_device_and_dtype_settings_override(monkeypatch: pytest.MonkeyPatch) -> 
 def test_a_local_directory_loads_in_eval_mode(tiny_model_dir: Path) -> None:
     loaded = load_model(settings(model=str(tiny_model_dir), device="cpu", dtype="bfloat16"))
     assert loaded.source == str(tiny_model_dir.resolve())
+    assert loaded.name == tiny_model_dir.name  # what /info shows: not where it is on the host
     assert (loaded.device, loaded.dtype) == (torch.device("cpu"), torch.bfloat16)
     assert not loaded.model.training
     assert {p.dtype for p in loaded.model.parameters()} == {torch.bfloat16}
@@ -66,7 +67,7 @@ def test_a_local_directory_loads_in_eval_mode(tiny_model_dir: Path) -> None:
 def test_chat_template_path_replaces_the_tokenizers_template(tiny_model_dir: Path) -> None:
     loaded = load_model(settings(model=str(tiny_model_dir), chat_template_path=EXAMPLE_TEMPLATE))
     assert loaded.tokenizer.chat_template == EXAMPLE_TEMPLATE.read_text(encoding="utf-8")
-    assert loaded.chat_template_origin == str(EXAMPLE_TEMPLATE)
+    assert loaded.chat_template_origin == EXAMPLE_TEMPLATE.name
 
 
 @pytest.mark.parametrize(
@@ -158,6 +159,7 @@ def test_a_gguf_converts_once_and_then_loads_from_the_cache(fake_conversion: lis
 
     assert len(fake_conversion) == 1
     assert first.source == second.source == str(gguf.resolve())
+    assert first.name == "model.gguf"
     assert [p.name for p in cache.iterdir()] == [gguf_cache_dir(gguf, cache).name]  # no staging left behind
     os.utime(gguf, ns=(time.time_ns(), time.time_ns() + 10**9))  # a changed file converts again
     load_model(settings(model=str(gguf), model_cache_dir=cache))
@@ -192,6 +194,7 @@ def test_smollm2_loads_from_its_conversion_with_its_own_template_eos_and_weights
 
     gguf = smollm2_gguf_path()
     assert loaded.source == f"smollm2 ({gguf})"
+    assert loaded.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
     metadata = GGUFReader(gguf)
     assert loaded.tokenizer.chat_template == metadata.fields["tokenizer.chat_template"].contents()
     eos = metadata.fields["tokenizer.ggml.eos_token_id"].contents()
