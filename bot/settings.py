@@ -17,6 +17,7 @@ from storage import is_postgres_url
 from storage.models import MAX_NEW_TOKENS_RANGE, TEMPERATURE_RANGE, TOP_P_RANGE
 
 DEFAULT_MODEL = "meta-llama/Llama-3.2-1B-Instruct"
+ATTACHMENT_BYTES_LIMIT = 10 * 1024 * 1024  # the largest file anyone may upload to Discord without Nitro
 _BYTE_SIZE = TypeAdapter(ByteSize)
 DEFAULT_SYSTEM_PROMPT = (
     "You are Llamacord, a helpful assistant chatting on Discord. Each user message begins with the "
@@ -52,6 +53,10 @@ class Settings(BaseSettings):
     dev_guild_id: int | None = None
     user_cooldown_seconds: float = Field(default=0.0, ge=0)
     edit_interval_seconds: float = Field(default=1.0, gt=0)
+    # Text files attached to a message: read up to this size by Discord's count (larger ones are named, not fetched;
+    # at most Discord's own upload limit), all of a message's files fetched within one timeout.
+    attachment_max_bytes: int = Field(default=65_536, ge=0, le=ATTACHMENT_BYTES_LIMIT)
+    attachment_timeout_seconds: float = Field(default=10.0, gt=0)
     # On SIGTERM, how long replies in progress may finish before the rest are interrupted: within `docker stop`'s
     # 10 seconds, with time left to edit and store the interrupted ones.
     shutdown_grace_seconds: float = Field(default=5.0, ge=0)

@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 
 STOPPED_NOTE = "\n\n*(stopped)*"
 INTERRUPTED_NOTE = "\n\n*(interrupted)*"  # the bot shut down before the reply was done
-TRUNCATED_NOTE = "\n\n*(your message was too long; I read its start and end)*"
+TRUNCATED_NOTE = "\n\n*(your message was too long for me, files included; I read its start and end)*"
 
 
 def waiting_text(ahead: int) -> str:

@@ -17,7 +17,6 @@ by `bot.cogs.replying`. A Retry press on the channel's newest reply answers its 
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator
@@ -32,6 +31,7 @@ from bot.chat.config import ChannelConfig
 from bot.chat.locks import ChannelLocks
 from bot.chat.notices import Notices
 from bot.chat.pipeline import Exchange, Reply, Speaker, TurnPipeline, UserTurn, fair_line
+from bot.cogs.reading import prompt_text, read_turn
 from bot.cogs.replying import (
     NO_PINGS,
     REPLY_ENDED,
@@ -77,22 +77,15 @@ def error_kind(error: Exception) -> ErrorKind:
     return ErrorKind.INTERNAL
 
 
-def prompt_text(message: discord.Message, me: discord.abc.User) -> str:
-    """The message as the model should read it: the bot's own mention removed, other mentions as @names."""
-    text = re.sub(rf"<@!?{me.id}>", "", message.content)
-    for user in message.mentions:
-        text = text.replace(f"<@{user.id}>", f"@{user.display_name}").replace(f"<@!{user.id}>", f"@{user.display_name}")
-    return text.strip()
-
-
 def is_conversation(message: discord.Message, me: discord.abc.User) -> bool:
     """The checks that need no I/O: a human's ordinary message with something to answer once the bot's mention is
-    removed. Bots (this one included), webhooks and system messages (joins, pins, boosts, ...) are not."""
+    removed (text, or a file). Bots (this one included), webhooks and system messages (joins, pins, boosts, ...)
+    are not."""
     return (
         not message.author.bot
         and message.webhook_id is None
         and message.type in CONVERSATION_TYPES
-        and bool(prompt_text(message, me))
+        and bool(prompt_text(message, me) or message.attachments)
     )
 
 
@@ -280,7 +273,7 @@ class ChatCog(commands.Cog):
             return
         turn = UserTurn(
             channel_id=message.channel.id,
-            content=prompt_text(message, me),
+            content=await read_turn(message, me, self.settings),
             speaker=Speaker(message.author.id, message.author.display_name),
             message_id=message.id,
             server=message.guild.id if message.guild is not None else None,

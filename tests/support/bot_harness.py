@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -38,24 +38,38 @@ def save_lively_llama(tiny_model_dir: Path, directory: Path) -> Path:
 
 
 @asynccontextmanager
-async def lively_engine(
+async def engine_on(**values: Any) -> AsyncIterator[AsyncEngine]:
+    """A real engine on the CPU with these settings (and no .env), shut down at the end."""
+    engine = await AsyncEngine.from_settings(Settings(_env_file=None, device="cpu", **values))  # type: ignore[call-arg]
+    try:
+        yield engine
+    finally:
+        await engine.shutdown()
+
+
+def lively_engine(
     tiny_model_dir: Path, directory: Path, *, max_batch_size: int = 4, max_queued_requests: int = 4
-) -> AsyncIterator[AsyncEngine]:
+) -> AbstractAsyncContextManager[AsyncEngine]:
     """A real engine on the lively tiny Llama, sized for the e2e tests (its cache fits a 1,500-token reply)."""
-    settings = Settings(
-        _env_file=None,  # type: ignore[call-arg]
+    return engine_on(
         model=str(save_lively_llama(tiny_model_dir, directory)),
-        device="cpu",
         max_batch_size=max_batch_size,
         max_queued_requests=max_queued_requests,
         max_prompt_tokens=512,
         max_new_tokens=1500,
     )
-    engine = await AsyncEngine.from_settings(settings)
-    try:
-        yield engine
-    finally:
-        await engine.shutdown()
+
+
+def smollm2_engine(cache_dir: Path) -> AbstractAsyncContextManager[AsyncEngine]:
+    """A real engine on SmolLM2-135M-Instruct (MODEL=smollm2, converted into `cache_dir`), sized for the bot tests."""
+    return engine_on(
+        model="smollm2",
+        model_cache_dir=cache_dir,
+        max_batch_size=2,
+        max_queued_requests=2,
+        max_prompt_tokens=1024,
+        max_new_tokens=64,
+    )
 
 
 def bot_settings(fake: FakeDiscord, database: Path, model: str = "unused", **overrides: Any) -> Settings:

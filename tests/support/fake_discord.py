@@ -29,6 +29,10 @@ One aiohttp app serves both halves on a random port:
   with the whole message. Reactions the bot adds are kept in `reactions`.
 - Channel permissions: `add_channel(..., bot_denied=SEND_MESSAGES)` gives the bot a member overwrite that denies
   those bits, and a post there is answered 403 "Missing Permissions", as Discord does.
+- Attachments as Discord's CDN serves them: `send_message(..., attachments=[FakeFile(...)])` gives the message
+  Discord's attachment objects, whose `url` is `/attachments/{channel}/{id}/{filename}` on this same server, which
+  answers with the bytes and their Content-Type (or, as the test chooses, late or with an error status). Every fetch
+  is kept in `cdn_fetches`, so a test can tell a file was never downloaded.
 
 Permissions are the test's to choose: a `FakeUser` has role ids (the moderator role carries Manage Guild and
 Manage Messages), and an interaction's `member.permissions` is computed from them unless the test passes its own.
@@ -48,8 +52,8 @@ import re
 import time
 import urllib.parse
 from collections import deque
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -200,6 +204,29 @@ class FakeUser:
 
 
 @dataclass(frozen=True)
+class FakeFile:
+    """A file a test attaches to a message; the fake's CDN serves `data` at the attachment's url."""
+
+    filename: str
+    data: bytes
+    content_type: str | None = None  # None: Discord sent none
+    delay_s: float = 0.0  # the CDN answers only after this long (or when the fake closes)
+    status: int = 200  # the CDN's answer, such as 500 or 404 for a failing one
+
+    def payload(self, attachment_id: int, url: str) -> dict[str, Any]:
+        """Discord's attachment object for this file."""
+        kind = {"content_type": self.content_type} if self.content_type else {}
+        return {
+            "id": str(attachment_id),
+            "filename": self.filename,
+            "size": len(self.data),
+            "url": url,
+            "proxy_url": url,
+            **kind,
+        }
+
+
+@dataclass(frozen=True)
 class FakeInteraction:
     """An interaction the test sent; its callbacks and webhook calls are found by `token`."""
 
@@ -255,6 +282,9 @@ class FakeDiscord:
         self.token = BOT_TOKEN  # the only token REST calls and IDENTIFY are accepted with
         self.recommended_shards = 1  # what GET /gateway/bot recommends
         self.advertised_gateway_url: str | None = None  # the URL GET /gateway/bot gives (None: this server's)
+        self.cdn: dict[int, FakeFile] = {}  # what the CDN serves, by attachment id
+        self.cdn_fetches: list[int] = []  # the attachment ids the CDN was asked for, in order
+        self._cdn_closing = asyncio.Event()  # ends the late answers of a slow CDN, so closing does not wait for them
 
         self._sockets: dict[web.WebSocketResponse, tuple[int, int] | None] = {}  # identified ones: [id, count]
         self._sequence = 0
@@ -275,6 +305,7 @@ class FakeDiscord:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_get("/gateway", self._gateway)
+        app.router.add_get("/attachments/{channel_id}/{attachment_id}/{filename}", self._cdn_file)
         app.router.add_route("*", API_PREFIX + "/{tail:.*}", self._rest)
         self._runner = web.AppRunner(app, handle_signals=False)
         await self._runner.setup()
@@ -283,6 +314,7 @@ class FakeDiscord:
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
     async def close(self) -> None:
+        self._cdn_closing.set()
         for socket in list(self._sockets):
             await socket.close()
         if self._runner is not None:
@@ -446,10 +478,12 @@ class FakeDiscord:
         reply_to: int | None = None,
         message_type: int | None = None,
         webhook: bool = False,
+        attachments: Sequence[FakeFile] = (),
     ) -> dict[str, Any]:
         """A user posts a message: MESSAGE_CREATE goes to the bot. `channel_id=self.dm_id` posts in the DM.
 
-        `mention_bot` puts the bot's mention in front; `mentions` lists users whose `<@id>` the content holds."""
+        `mention_bot` puts the bot's mention in front; `mentions` lists users whose `<@id>` the content holds;
+        `attachments` are uploaded with it, to be fetched from the CDN."""
         channel_id = self.general_id if channel_id is None else channel_id
         mentions = list(mentions or [])
         if mention_bot:
@@ -461,9 +495,35 @@ class FakeDiscord:
         if webhook:
             message["webhook_id"] = str(self.snowflake())
             message.pop("member", None)
+        message["attachments"] = [self._upload(channel_id, file) for file in attachments]
         self.messages[int(message["id"])] = message
         await self.dispatch("MESSAGE_CREATE", message)
         return message
+
+    # --- the CDN -----------------------------------------------------------------------------------------------
+
+    def _upload(self, channel_id: int, file: FakeFile) -> dict[str, Any]:
+        """Keep `file` on the CDN; its attachment object, with a signed-looking URL as Discord's are."""
+        attachment_id = self.snowflake()
+        self.cdn[attachment_id] = file
+        path = f"/attachments/{channel_id}/{attachment_id}/{urllib.parse.quote(file.filename)}"
+        url = f"http://127.0.0.1:{self.port}{path}?ex=0&is=0&hm=0"
+        return file.payload(attachment_id, url)
+
+    async def _cdn_file(self, request: web.Request) -> web.Response:
+        attachment_id = int(request.match_info["attachment_id"])
+        self.cdn_fetches.append(attachment_id)
+        await self._notify()
+        file = self.cdn.get(attachment_id)
+        if file is None:
+            return web.Response(status=404, text="Not Found")
+        if file.delay_s:
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self._cdn_closing.wait(), file.delay_s)
+        if file.status != 200:
+            return web.Response(status=file.status, text="CDN error")
+        content_type = file.content_type or "application/octet-stream"
+        return web.Response(body=file.data, headers={"Content-Type": content_type})
 
     async def edit_message(self, message_id: int, content: str) -> None:
         """Its author edits a message: MESSAGE_UPDATE (the whole message, as Discord sends it) goes to the bot."""

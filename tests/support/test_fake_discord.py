@@ -12,7 +12,7 @@ import discord
 import pytest
 import yarl
 
-from tests.support.fake_discord import BOT_TOKEN, FakeDiscord, running
+from tests.support.fake_discord import BOT_TOKEN, FakeDiscord, FakeFile, running
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -28,7 +28,8 @@ def pointed_at(fake: FakeDiscord) -> Iterator[None]:
         discord.http.Route.BASE, discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = old_base, old_gateway
 
 
-async def test_bare_client_logs_in_receives_events_and_posts() -> None:
+def bare_client() -> tuple[discord.Client, asyncio.Queue[discord.Message]]:
+    """A plain discord.py client, and the messages it receives."""
     seen: asyncio.Queue[discord.Message] = asyncio.Queue()
     intents = discord.Intents.default()
     intents.message_content = True
@@ -38,6 +39,11 @@ async def test_bare_client_logs_in_receives_events_and_posts() -> None:
     async def on_message(message: discord.Message) -> None:
         await seen.put(message)
 
+    return client, seen
+
+
+async def test_bare_client_logs_in_receives_events_and_posts() -> None:
+    client, seen = bare_client()
     async with FakeDiscord() as fake:
         with pointed_at(fake):
             async with running(client):
@@ -124,3 +130,33 @@ async def test_discord_py_waits_out_a_global_429_and_retries() -> None:
         accepted = [call.time for call in fake.calls[start:] if call.global_scope and id(call) not in refused]
         # ... but no more than 3 were accepted in any second.
         assert all(sum(t <= other < t + 1 for other in accepted) <= 3 for t in accepted)
+
+
+async def test_attachments_are_discords_objects_served_by_the_cdn_as_the_test_chooses() -> None:
+    client, seen = bare_client()
+    files = [
+        FakeFile("notes.txt", b"hello", "text/plain; charset=utf-8"),
+        FakeFile("gone.txt", b"x", status=404),
+        FakeFile("broken.txt", b"x", status=500),
+        FakeFile("slow.txt", b"late", delay_s=30),
+    ]
+    async with FakeDiscord() as fake:
+        with pointed_at(fake):
+            async with running(client):
+                await fake.send_message(fake.alice, "", attachments=files)
+                async with asyncio.timeout(5):
+                    message = await seen.get()
+                notes, gone, broken, slow = message.attachments
+                assert (notes.filename, notes.size, notes.content_type) == ("notes.txt", 5, "text/plain; charset=utf-8")
+                assert gone.content_type is None and fake.cdn_fetches == []
+                assert await notes.read() == b"hello"
+                with pytest.raises(discord.NotFound):
+                    await gone.read()
+                with pytest.raises(discord.HTTPException) as failed:
+                    await broken.read()
+                assert failed.value.status == 500
+                with pytest.raises(TimeoutError):
+                    async with asyncio.timeout(0.2):
+                        await slow.read()
+                assert fake.cdn_fetches == [notes.id, gone.id, broken.id, slow.id]
+        # Closing the fake ends the slow answer still pending, instead of waiting the 30 s out.

@@ -36,6 +36,8 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         ("METRICS_PORT", "70000"),
         ("MAX_BATCH_SIZE", "0"),
         ("DISCORD_REQUESTS_PER_SECOND", "-5"),
+        ("ATTACHMENT_MAX_BYTES", "20000000"),  # past Discord's own upload limit
+        ("ATTACHMENT_TIMEOUT_SECONDS", "0"),
     ],
 )
 def test_an_invalid_environment_value_exits_naming_the_setting(
