@@ -318,8 +318,10 @@ class RemoteEngine:
         except httpx2.TransportError as error:  # mid-stream the client does not wrap these in its own errors
             log.error("remote request %s lost its connection: %r", stream.request_id, error)
             stream._finish(FinishReason.ERROR, GenerationError(transport_message(error)))
-        except Exception:
-            log.exception("remote request %s failed on an unexpected reply", stream.request_id)
+        except Exception as error:
+            # Its message may quote the reply (a validation error shows the chunk): the text only at DEBUG.
+            log.error("remote request %s failed on an unexpected reply: %s", stream.request_id, type(error).__name__)
+            log.debug("remote request %s: the unexpected reply", stream.request_id, exc_info=True)
             stream._finish(FinishReason.ERROR, GenerationError("The model server sent a reply the bot cannot read."))
         finally:
             self._requests.pop(stream.request_id)

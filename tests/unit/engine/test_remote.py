@@ -365,3 +365,24 @@ async def test_credentials_in_the_base_url_reach_the_server_but_are_never_shown(
     ours = [record.getMessage() for record in caplog.records]
     assert any(server.base_url in line for line in ours), "the start-up line names the server"
     assert [line for line in [*shown, *ours] if "hunter2" in line or "llamacord:" in line] == []
+
+
+async def test_an_unreadable_reply_is_a_clear_error_that_logs_no_generated_text_above_debug(
+    server: OpenAIServer, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error raised while reading a chunk may quote the chunk, generated text included (a validation error
+    does): only its type goes to ERROR, the rest to DEBUG."""
+    caplog.set_level(logging.DEBUG, logger="bot.engine.remote")
+
+    def unreadable(stream: RemoteRequestStream, chunk: Any) -> None:
+        raise ValueError(f"cannot read {chunk.model_dump_json()} (the member's secret plan)")
+
+    monkeypatch.setattr("bot.engine.remote._read_chunk", unreadable)
+    async with remote_engine(remote_settings(server)) as engine:
+        with pytest.raises(GenerationError, match="cannot read"):
+            await reply(engine)
+    above_debug = [record.getMessage() for record in caplog.records if record.levelno > logging.DEBUG]
+    assert any("ValueError" in line for line in above_debug), above_debug
+    assert [line for line in above_debug if "secret plan" in line or "choices" in line] == []
+    details = [record for record in caplog.records if record.levelno == logging.DEBUG and record.exc_info]
+    assert details and "secret plan" in str(details[0].exc_info[1])
