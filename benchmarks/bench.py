@@ -218,11 +218,21 @@ def build_engine(loaded: LoadedModel, settings: Settings, max_concurrency: int, 
         max_batch_size=max_concurrency,
         max_queued_requests=0,
         max_sequence_tokens=longest,
-        cache_tokens=max_concurrency * longest,
+        cache_tokens=cache_tokens_for(max_concurrency, longest, loaded.device),
         prompt_builder=PromptBuilder(
             loaded.tokenizer, max_prompt_tokens=max_prompt_tokens, context_length=context_length
         ),
     )
+
+
+def cache_tokens_for(conversations: int, longest: int, device: torch.device) -> int:
+    """A KV cache that runs `conversations` requests of `longest` tokens at once: the executor reserves each request
+    whole pages and one more (`blocks_for`), so `conversations * longest` tokens would run fewer at once (under half
+    with CUDA's 256-token pages and 336-token requests) and queue the rest."""
+    from bot.engine.local.kv_cache import blocks_for, page_size_for
+
+    page_size = page_size_for(device)
+    return conversations * blocks_for(longest, page_size) * page_size
 
 
 def environment(loaded: LoadedModel, random_weights_config: str | None) -> dict[str, Any]:
