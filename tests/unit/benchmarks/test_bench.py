@@ -40,6 +40,8 @@ def test_bench_end_to_end_on_tiny_random_weights(tmp_path: Path) -> None:
     )
     report = json.loads((out / "bench.json").read_text())
     assert report["environment"]["model"] == "random weights, tiny config"
+    # The attention the engine chose, with its reason: per-request SDPA on a CPU.
+    assert report["environment"]["attention"].startswith("cb_varlen_sdpa (per-request SDPA")
     assert "--random-weights-config tiny" in report["command"]
     baseline, engine = report["baseline"], report["engine"]
     assert [row["concurrency"] for row in engine] == [1, 2]
@@ -56,6 +58,7 @@ def test_bench_end_to_end_on_tiny_random_weights(tmp_path: Path) -> None:
         assert row["ratio_to_baseline"] == pytest.approx(row["total_tok_s"] / baseline["total_tok_s"])
     table = (out / "bench.md").read_text()
     assert table.count("| engine |") == 2 and "| baseline" in table
+    assert f"attention {report['environment']['attention']}" in table
     assert f"{engine[1]['ratio_to_baseline']:.2f}×" in table
 
 
