@@ -218,14 +218,24 @@ def build_engine(loaded: LoadedModel, settings: Settings, max_concurrency: int, 
         max_batch_size=max_concurrency,
         max_queued_requests=0,
         max_sequence_tokens=longest,
-        cache_tokens=max_concurrency * longest,
+        cache_tokens=cache_tokens_for(max_concurrency, longest, loaded.device),
         prompt_builder=PromptBuilder(
             loaded.tokenizer, max_prompt_tokens=max_prompt_tokens, context_length=context_length
         ),
     )
 
 
-def environment(loaded: LoadedModel, random_weights_config: str | None) -> dict[str, Any]:
+def cache_tokens_for(conversations: int, longest: int, device: torch.device) -> int:
+    """A KV cache that runs `conversations` requests of `longest` tokens at once: the executor reserves each request
+    whole pages and one more (`blocks_for`), so `conversations * longest` tokens would run fewer at once (under half
+    with CUDA's 256-token pages and 336-token requests) and queue the rest."""
+    from bot.engine.local.kv_cache import blocks_for, page_size_for
+
+    page_size = page_size_for(device)
+    return conversations * blocks_for(longest, page_size) * page_size
+
+
+def environment(loaded: LoadedModel, random_weights_config: str | None, attention: str) -> dict[str, Any]:
     import torch
     import transformers
 
@@ -240,7 +250,7 @@ def environment(loaded: LoadedModel, random_weights_config: str | None) -> dict[
         "dtype": str(loaded.dtype).removeprefix("torch."),
         "model": f"random weights, {random_weights_config} config" if random_weights_config else loaded.source,
         "parameters": loaded.model.num_parameters(),
-        "attn_implementation": loaded.model.config._attn_implementation,
+        "attention": attention,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -314,7 +324,7 @@ def markdown_table(report: dict[str, Any]) -> str:
         f"- date: {report['date']}",
         f"- command: `{report['command']}`",
         f"- device: {env['device']} ({env['device_name']}, {env['cpu_count']} CPUs, {env['torch_threads']} torch "
-        f"threads), {env['dtype']}, attention {env['attn_implementation']}",
+        f"threads), {env['dtype']}, attention {env['attention']}",
         f"- model: {env['model']} ({env['parameters'] / 1e6:.1f}M parameters)",
         f"- versions: Python {env['python']}, torch {env['torch']}, transformers {env['transformers']}, "
         f"llamacord {env['llamacord']}",
@@ -454,7 +464,7 @@ async def _measure(settings: Settings, args: argparse.Namespace, command: str, s
     return {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": command,
-        "environment": environment(loaded, args.random_weights_config),
+        "environment": environment(loaded, args.random_weights_config, engine.attention.describe()),
         "load_average_start": load_start,
         "load_average_end": load_average(),
         "new_tokens": args.new_tokens,

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
 import pytest
 
-from benchmarks.bench import concurrency_list
+from benchmarks.bench import build_engine, concurrency_list
 from benchmarks.random_llama import build_tokenizer, llama3_special_tokens, model_config
 from benchmarks.timing import percentile
 from bot.cli import main
+from bot.engine.local.loader import load_model
+from bot.engine.sampling import SamplingParams
+from bot.settings import Settings
 
 NEW_TOKENS = 4
 
@@ -36,6 +40,8 @@ def test_bench_end_to_end_on_tiny_random_weights(tmp_path: Path) -> None:
     )
     report = json.loads((out / "bench.json").read_text())
     assert report["environment"]["model"] == "random weights, tiny config"
+    # The attention the engine chose, with its reason: per-request SDPA on a CPU.
+    assert report["environment"]["attention"].startswith("cb_varlen_sdpa (per-request SDPA")
     assert "--random-weights-config tiny" in report["command"]
     baseline, engine = report["baseline"], report["engine"]
     assert [row["concurrency"] for row in engine] == [1, 2]
@@ -52,7 +58,34 @@ def test_bench_end_to_end_on_tiny_random_weights(tmp_path: Path) -> None:
         assert row["ratio_to_baseline"] == pytest.approx(row["total_tok_s"] / baseline["total_tok_s"])
     table = (out / "bench.md").read_text()
     assert table.count("| engine |") == 2 and "| baseline" in table
+    assert f"attention {report['environment']['attention']}" in table
     assert f"{engine[1]['ratio_to_baseline']:.2f}×" in table
+
+
+async def test_the_cache_runs_every_conversation_of_the_largest_level_at_once(tiny_model_dir: Path) -> None:
+    """The executor reserves whole pages per request and one more: a cache of N × the longest request would leave
+    some of N conversations waiting for others to finish, and the N-concurrent figures would measure fewer."""
+    conversations, prompt_tokens, new_tokens = 8, 61, 16  # 77-token requests: not a whole number of pages
+    settings = Settings(_env_file=None, model=str(tiny_model_dir), device="cpu", max_new_tokens=new_tokens)  # type: ignore[call-arg]
+    loaded = load_model(settings)
+    loaded.model.generation_config.eos_token_id = []  # every request runs to its full length, as in the benchmark
+    engine = build_engine(loaded, settings, conversations, prompt_tokens)
+    params = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=new_tokens)
+    await engine.start()
+    try:
+        streams = [
+            engine.generate([10 + (n + i) % 50 for i in range(prompt_tokens)], params) for n in range(conversations)
+        ]
+        async with asyncio.timeout(60):
+            for stream in streams:
+                async for _ in stream:
+                    pass
+    finally:
+        await engine.shutdown()
+    assert all(stream.metrics.generated_tokens == new_tokens for stream in streams)
+    started = [stream.metrics.queue_wait_s for stream in streams]
+    finished = [stream.metrics.total_s for stream in streams]
+    assert max(started) < min(finished), "a conversation waited for another to finish"
 
 
 def test_llama_3_2_1b_stand_in_has_the_real_shape() -> None:
