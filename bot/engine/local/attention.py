@@ -9,11 +9,16 @@ allow, said once at start-up and in `/info`.
   attention only, else SDPA.
 
 Availability is transformers' own check (`is_flash_attn_*_available`), without its fallback to kernels downloaded
-from the Hub: the bot's machines may not reach it.
+from the Hub: the bot's machines may not reach it. For flash attention 4 that check only finds the distribution; its
+kernels are compiled at run time by the CuTe DSL, whose compiler is a wheel of its own (about 90 MB), and without it
+`flash_attn.cute` fails to import. So it is also imported once, here, rather than failing the first step.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +28,8 @@ from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_availa
 
 from bot.engine.local.varlen_sdpa import CB_VARLEN_SDPA, varlen_sdpa_supported
 
+log = logging.getLogger(__name__)
+
 SDPA = "sdpa"
 # (implementation, the package that provides it, the least compute capability it runs on), fastest first.
 FLASH_ATTENTION: tuple[tuple[str, str, tuple[int, int]], ...] = (
@@ -30,8 +37,23 @@ FLASH_ATTENTION: tuple[tuple[str, str, tuple[int, int]], ...] = (
     ("flash_attention_3", "flash-attn-3", (9, 0)),
     ("flash_attention_2", "flash-attn", (8, 0)),
 )
+
+
+@functools.cache
+def flash_attn_4_usable(import_module: Callable[[str], object] = importlib.import_module) -> bool:
+    """flash-attn-4 installed, CUDA present, and its CuTe kernels importable (the DSL's compiler installed)."""
+    if not is_flash_attn_4_available():
+        return False
+    try:
+        import_module("flash_attn.cute")
+    except Exception as error:  # the missing compiler is a RuntimeError ("No CTK flavor installed"), not ImportError
+        log.warning("flash-attn-4 is installed but cannot be used: %s: %s", type(error).__name__, error)
+        return False
+    return True
+
+
 INSTALLED: dict[str, Callable[[], bool]] = {
-    "flash_attention_4": is_flash_attn_4_available,
+    "flash_attention_4": flash_attn_4_usable,
     "flash_attention_3": is_flash_attn_3_available,
     "flash_attention_2": is_flash_attn_2_available,
 }

@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import PreTrainedModel
 
+from bot.engine.local import attention
 from bot.engine.local.attention import SDPA, choose_attention
 from bot.engine.local.executor import AsyncEngine
 from bot.engine.local.varlen_sdpa import CB_VARLEN_SDPA
@@ -57,6 +58,30 @@ def test_the_reason_names_what_is_missing(model: PreTrainedModel) -> None:
     assert choice.describe() == ("sdpa (none of flash-attn-4, flash-attn-3, flash-attn is installed; no CUDA graphs)")
     chosen = choose_attention(on_cuda(model), installed=installed("flash_attention_4"), capability=lambda d: HOPPER)
     assert chosen.describe() == "flash_attention_4 (flash-attn-4 on compute capability 9.0; CUDA graphs on)"
+
+
+def test_flash_attn_4_counts_only_when_its_kernels_import(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Installed without the CuTe DSL's compiler, `flash_attn.cute` raises a RuntimeError on import: the engine then
+    takes the next attention instead of failing its first step."""
+    usable = attention.flash_attn_4_usable.__wrapped__  # uncached
+    imported: list[str] = []
+
+    def imports(name: str) -> object:
+        imported.append(name)
+        return object()
+
+    def no_compiler(name: str) -> object:
+        raise RuntimeError("No CTK flavor installed")
+
+    monkeypatch.setattr(attention, "is_flash_attn_4_available", lambda: False)
+    assert usable(imports) is False and imported == []  # not installed: nothing imported
+    monkeypatch.setattr(attention, "is_flash_attn_4_available", lambda: True)
+    assert usable(imports) is True and imported == ["flash_attn.cute"]
+    with caplog.at_level(logging.WARNING, logger=attention.__name__):
+        assert usable(no_compiler) is False
+    assert "No CTK flavor installed" in caplog.text
 
 
 def test_a_cpu_takes_per_request_sdpa_unless_the_model_has_sliding_windows(model: PreTrainedModel) -> None:
