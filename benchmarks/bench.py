@@ -402,8 +402,9 @@ async def _bench(settings: Settings, args: argparse.Namespace, command: str) -> 
 
 async def _measure(settings: Settings, args: argparse.Namespace, command: str, server: Server | None) -> dict[str, Any]:
     from bot.engine.local.loader import load_model
+    from bot.engine.local.threads import in_passing_thread
 
-    loaded = await asyncio.to_thread(load_model, settings)
+    loaded = await in_passing_thread(load_model, settings)
     memory = PeakMemory(loaded.device)
     levels = args.concurrency
     questions = read_questions(args.prompts)
@@ -416,9 +417,9 @@ async def _measure(settings: Settings, args: argparse.Namespace, command: str, s
     engine_results = {n: PathResult("engine", n) for n in levels}
     server_results = {n: PathResult(server.name, n) for n in levels} if server is not None else {}
     if baseline is not None:  # warm-up, then the first round's memory before the engine's cache exists
-        await asyncio.to_thread(run_baseline, loaded, conversations[:1], 2, PathResult("warm-up", 1))
+        await in_passing_thread(run_baseline, loaded, conversations[:1], 2, PathResult("warm-up", 1))
         memory.reset()
-        await asyncio.to_thread(run_baseline, loaded, baseline_conversations, args.new_tokens, baseline)
+        await in_passing_thread(run_baseline, loaded, baseline_conversations, args.new_tokens, baseline)
         baseline.peak_memory_mib = memory.peak_mib()
 
     memory.reset()
@@ -436,7 +437,7 @@ async def _measure(settings: Settings, args: argparse.Namespace, command: str, s
             await server.warm_up(rendered[0])
         for round_index in range(args.rounds):
             if baseline is not None and round_index > 0:
-                await asyncio.to_thread(run_baseline, loaded, baseline_conversations, args.new_tokens, baseline)
+                await in_passing_thread(run_baseline, loaded, baseline_conversations, args.new_tokens, baseline)
             server_first = round_index % 2 == 1  # neither side always runs right after the other
             for n in levels:
                 if server is not None and server_first:

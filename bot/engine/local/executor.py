@@ -28,6 +28,7 @@ from bot.engine.local.detokenizer import IncrementalDetokenizer
 from bot.engine.local.info import ModelInfo, collect_model_info
 from bot.engine.local.kv_cache import KVCacheInfo, blocks_for, kv_bytes_per_token, page_size_for, planned_blocks
 from bot.engine.local.loader import load_model
+from bot.engine.local.threads import in_passing_thread
 from bot.engine.sampling import SamplingParams
 from bot.engine.templating import PromptBuilder, tokenize_plain
 from bot.settings import Settings
@@ -174,8 +175,8 @@ class AsyncEngine:
     async def from_settings(cls, settings: Settings) -> AsyncEngine:
         """Load the model named by MODEL in a worker thread and start the executor with the cache KV_CACHE_MEMORY
         sizes."""
-        loaded = await asyncio.to_thread(load_model, settings)
-        info = await asyncio.to_thread(collect_model_info, loaded)
+        loaded = await in_passing_thread(load_model, settings)
+        info = await in_passing_thread(collect_model_info, loaded)
         context_length = _context_length(loaded.model)
         longest_request = min(settings.max_prompt_tokens + settings.max_new_tokens, context_length)
         blocks = planned_blocks(
@@ -207,7 +208,7 @@ class AsyncEngine:
         if self._state != "new":
             raise EngineError("The engine was already started.")
         try:
-            await asyncio.to_thread(self._batcher.start, asyncio.get_running_loop())
+            await in_passing_thread(self._batcher.start, asyncio.get_running_loop())
         except (MemoryError, RuntimeError, ValueError) as error:  # the KV cache does not fit, or a bad size
             raise ModelLoadError(
                 f"The executor could not start: {error}. Lower KV_CACHE_MEMORY, MAX_BATCH_SIZE or MAX_PROMPT_TOKENS."
@@ -324,7 +325,7 @@ class AsyncEngine:
         self._pending.clear()
         self._requests.fail_all(GenerationError(SHUTTING_DOWN))
         if was_running:
-            await asyncio.to_thread(self._batcher.stop)
+            await in_passing_thread(self._batcher.stop)
 
     @property
     def _cache_blocks(self) -> int:
