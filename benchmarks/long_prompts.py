@@ -34,6 +34,7 @@ from benchmarks.bench import cpu_model, load_average, write_report
 from benchmarks.random_llama import BOS, EOS_TOKENS, PAD, save_random_llama
 from bot.engine.local.attention import SDPA, AttentionChoice, choose_attention
 from bot.engine.local.executor import AsyncEngine
+from bot.engine.local.threads import in_passing_thread
 from bot.engine.sampling import SamplingParams
 
 NEW_TOKENS = 8
@@ -73,13 +74,16 @@ class Prompts:
         return [[(n * 7919 + i * 31 + n * i) % self.ordinary for i in range(tokens)] for n in range(first, self.made)]
 
 
-async def run(args: argparse.Namespace) -> dict[str, Any]:
+def build_model() -> tuple[Any, Any]:
     with tempfile.TemporaryDirectory(prefix="llamacord-long-") as scratch:
         directory = save_random_llama(
             "test", Path(scratch), CORPUS, special_tokens=[BOS, *EOS_TOKENS, PAD], context_length=CONTEXT
         )
-        model = AutoModelForCausalLM.from_pretrained(directory).eval()
-        tokenizer = AutoTokenizer.from_pretrained(directory)
+        return AutoModelForCausalLM.from_pretrained(directory).eval(), AutoTokenizer.from_pretrained(directory)
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    model, tokenizer = await in_passing_thread(build_model)  # as the bot loads: no OpenMP pool outlives it
     prompts = Prompts(model.config.vocab_size - 5)  # the 5 special tokens come last
     attentions = {SDPA: AttentionChoice(SDPA, False, "continuous batching's own"), "varlen": choose_attention(model)}
     results: dict[str, dict[str, list[dict[str, float]]]] = {name: {"long": [], "half": []} for name in attentions}

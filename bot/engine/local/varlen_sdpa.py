@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import CausalBias, causal_lower_right
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -38,8 +37,9 @@ class _Call:
     q_end: int
     k_start: int
     k_end: int
-    mask: torch.Tensor | CausalBias | None
+    mask: torch.Tensor | None
     causal: bool
+    cached: int = 0  # a chunk of a prompt whose start is cached: the keys before its own
 
 
 # Each generation thread (one per engine) plans its own steps; the plan is built at the first layer of a step and
@@ -73,8 +73,8 @@ def plan_step(cu_q: list[int], cu_k: list[int], dtype: torch.dtype) -> list[_Cal
             continue
         if q_len == k_len:  # the whole prompt in this step
             calls.append(_Call(cu_q[i], cu_q[i + 1], cu_k[i], cu_k[i + 1], None, True))
-        else:  # a chunk of a prompt whose start is cached: causal, aligned bottom-right (no mask materialized)
-            calls.append(_Call(cu_q[i], cu_q[i + 1], cu_k[i], cu_k[i + 1], causal_lower_right(q_len, k_len), False))
+        else:  # a chunk of a prompt whose start is cached: causal, aligned bottom-right
+            calls.append(_Call(cu_q[i], cu_q[i + 1], cu_k[i], cu_k[i + 1], None, False, cached=k_len - q_len))
         i += 1
     return calls
 
@@ -103,17 +103,33 @@ def varlen_sdpa_attention_forward(
     grouped = getattr(module, "num_key_value_groups", 1) > 1
     out = query.new_empty(query.shape[0], query.shape[2], query.shape[1], value.shape[-1])  # [1, Q, H, D]
     for call in _plans.calls:
-        attended = F.scaled_dot_product_attention(
-            query[:, :, call.q_start : call.q_end],
-            key[:, :, call.k_start : call.k_end],
-            value[:, :, call.k_start : call.k_end],
-            attn_mask=call.mask,
-            is_causal=call.causal,
-            scale=scaling,
-            enable_gqa=grouped,
-        )
+        queries = query[:, :, call.q_start : call.q_end]
+        keys, values = key[:, :, call.k_start : call.k_end], value[:, :, call.k_start : call.k_end]
+        if call.cached:
+            groups = getattr(module, "num_key_value_groups", 1)
+            attended = _attend_after_cached(queries, keys, values, call.cached, scaling, groups)
+        else:
+            attended = F.scaled_dot_product_attention(
+                queries, keys, values, attn_mask=call.mask, is_causal=call.causal, scale=scaling, enable_gqa=grouped
+            )
         out[:, call.q_start : call.q_end] = attended.transpose(1, 2)
     return out, None
+
+
+def _attend_after_cached(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cached: int, scale: float | None, groups: int
+) -> torch.Tensor:
+    """A prompt chunk's queries against the cached keys before it (all visible) and its own keys (causal): two flash
+    calls, merged by their log-sum-exps. SDPA with a bottom-right causal bias would build the dense mask on a CPU and
+    run its masked kernel over every query-key pair; ten 3,900-token prompts spent 60 % of their time there."""
+    if groups > 1:  # the flash kernel has no grouped-query mode: each key/value head serves `groups` query heads
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    before, lse_before = flash(query, key[:, :, :cached], value[:, :, :cached], 0.0, False, scale=scale)
+    own, lse_own = flash(query, key[:, :, cached:], value[:, :, cached:], 0.0, True, scale=scale)
+    top = torch.maximum(lse_before, lse_own)
+    weight_before, weight_own = (lse_before - top).exp().unsqueeze(-1), (lse_own - top).exp().unsqueeze(-1)
+    return ((before * weight_before + own * weight_own) / (weight_before + weight_own)).to(query.dtype)
 
 
 def varlen_sdpa_supported(model: Any) -> bool:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-from torch.nn.attention.bias import CausalBias, CausalVariant
 from transformers.generation.continuous_batching.utils import build_attention_mask
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -61,9 +60,10 @@ def test_each_request_reads_its_own_keys_and_decode_rows_share_calls() -> None:
     long_decode = next(call for call in calls if call.q_start == cu_q[7])
     assert (long_decode.q_end, long_decode.mask) == (cu_q[8], None)
     whole_prompt, chunk = calls[0], calls[2]
-    assert whole_prompt.causal and whole_prompt.mask is None
-    assert not chunk.causal and isinstance(chunk.mask, CausalBias)
-    assert (chunk.mask.seq_len_q, chunk.mask.seq_len_kv, chunk.mask.variant) == (200, 500, CausalVariant.LOWER_RIGHT)
+    assert whole_prompt.causal and whole_prompt.mask is None and whole_prompt.cached == 0
+    # A chunk after 300 cached tokens: no mask is built; its own 200 keys are read causally after the 300.
+    assert (chunk.q_end - chunk.q_start, chunk.k_end - chunk.k_start, chunk.cached) == (200, 500, 300)
+    assert chunk.mask is None and not chunk.causal
 
 
 def test_outside_continuous_batching_it_is_plain_sdpa() -> None:
