@@ -152,9 +152,13 @@ class Store(ABC):
         ids = check_ids("message_ids", message_ids)
         return await self._delete_shown_by(ids) if ids else 0
 
-    async def edit_discord_message(self, message_id: int, content: str) -> bool:
-        """Replace the stored text of the user turn shown by this Discord message; False when none is stored."""
-        return await self._edit_user_turn(check_id("message_id", message_id), check_text("content", content))
+    async def edit_discord_message(self, message_id: int, edit: Callable[[str], str]) -> bool:
+        """Replace the stored text of the user turn shown by this Discord message with `edit(its stored text)`, read and
+        written in one transaction; False when none is stored."""
+        if not callable(edit):
+            raise TypeError(f"edit must be a function of the stored text, got {type(edit).__name__}")
+        message_id = check_id("message_id", message_id)
+        return await self._edit_user_turn(message_id, lambda stored: check_text("content", edit(stored)))
 
     async def forget_author(self, author_id: int, channel_id: int | None = None) -> int:
         """Delete the author's user turns (in one channel, or everywhere with None) and the assistant turns that
@@ -247,7 +251,7 @@ class Store(ABC):
     async def _delete_shown_by(self, message_ids: tuple[int, ...]) -> int: ...
 
     @abstractmethod
-    async def _edit_user_turn(self, message_id: int, content: str) -> bool: ...
+    async def _edit_user_turn(self, message_id: int, edit: Callable[[str], str]) -> bool: ...
 
     @abstractmethod
     async def _forget_author(self, author_id: int, channel_id: int | None) -> int: ...

@@ -333,15 +333,18 @@ class PostgresStore(Store):
                 )
             )
 
-    async def _edit_user_turn(self, message_id: int, content: str) -> bool:
-        async with self._connection("edit a message in") as connection:
-            edited = await connection.fetchval(
-                "UPDATE messages SET content = $2 WHERE role = 'user' "
-                "AND id = (SELECT turn_id FROM discord_messages WHERE discord_message_id = $1) RETURNING id",
+    async def _edit_user_turn(self, message_id: int, edit: Callable[[str], str]) -> bool:
+        async with self._transaction("edit a message in") as connection:
+            row = await connection.fetchrow(
+                "SELECT id, content FROM messages WHERE role = 'user' "
+                "AND id = (SELECT turn_id FROM discord_messages WHERE discord_message_id = $1) FOR UPDATE",
                 message_id,
-                content.encode(),
             )
-        return edited is not None
+            if row is None:
+                return False
+            new = edit(row["content"].decode()).encode()
+            await connection.execute("UPDATE messages SET content = $2 WHERE id = $1", row["id"], new)
+        return True
 
     async def _update_reply(
         self, stored_id: int, content: str, message_id: int | None, shown_by: tuple[int, ...]

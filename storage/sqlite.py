@@ -24,7 +24,7 @@ import asyncio
 import json
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager, suppress
 from datetime import datetime
 from pathlib import Path
@@ -264,14 +264,20 @@ class SQLiteStore(Store):
         async with self._transaction("delete messages from") as connection:
             return len(list(await connection.execute_fetchall(sql, parameters)))
 
-    async def _edit_user_turn(self, message_id: int, content: str) -> bool:
+    async def _edit_user_turn(self, message_id: int, edit: Callable[[str], str]) -> bool:
         async with self._transaction("edit a message in") as connection:
-            rows = await connection.execute_fetchall(
-                "UPDATE messages SET content = ? WHERE role = 'user' "
-                "AND id = (SELECT turn_id FROM discord_messages WHERE discord_message_id = ?) RETURNING id",
-                (content, message_id),
+            rows = list(
+                await connection.execute_fetchall(
+                    "SELECT id, content FROM messages WHERE role = 'user' "
+                    "AND id = (SELECT turn_id FROM discord_messages WHERE discord_message_id = ?)",
+                    (message_id,),
+                )
             )
-            return bool(list(rows))
+            if not rows:
+                return False
+            [(turn_id, content)] = rows
+            await connection.execute("UPDATE messages SET content = ? WHERE id = ?", (edit(content), turn_id))
+            return True
 
     async def _update_reply(
         self, stored_id: int, content: str, message_id: int | None, shown_by: tuple[int, ...]

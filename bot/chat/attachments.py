@@ -140,6 +140,25 @@ def join_turn(text: str, files: Sequence[Attached]) -> str:
     return "\n\n".join(parts)
 
 
+def with_text(turn: str, text: str, names: Sequence[str]) -> str:
+    """A stored turn after an edit of its message: the new `text`, then the files as they were read. Discord lets an
+    edit remove a message's files but not add any, so nothing is fetched again (a fetch could fail, or land after a
+    later edit). `names` are the files the message still has; with none left, the turn is the text alone."""
+    starts = [at for at in (_section_start(turn, _introduced(name)) for name in names) if at != -1]
+    if not starts:
+        return text
+    files = turn[min(starts) :]
+    return f"{text}\n\n{files}" if text else files
+
+
+def _section_start(turn: str, header: str) -> int:
+    """Where a file's part begins: its header at the start of the turn or after a blank line; -1 if absent."""
+    at = turn.find(header)
+    while at > 0 and turn[at - 2 : at] != "\n\n":
+        at = turn.find(header, at + 1)
+    return at
+
+
 def _introduced(name: str) -> str:
     """The file's name on one line of its own, without backticks that could open a code block."""
     return ATTACHED.format(name=" ".join(name.replace("`", "").split()))

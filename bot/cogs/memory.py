@@ -19,9 +19,10 @@ import discord
 from discord import app_commands
 from discord.ext import commands, tasks
 
+from bot.chat.attachments import with_text
 from bot.chat.pipeline import TurnPipeline
 from bot.cogs.common import channel_id_of, respond
-from bot.cogs.reading import read_turn
+from bot.cogs.reading import prompt_text
 from bot.cogs.replying import LiveReplies
 
 log = logging.getLogger(__name__)
@@ -77,8 +78,8 @@ class MemoryCog(commands.Cog):
         message, me = payload.message, self.bot.user
         if me is None or message.author.bot or "content" not in payload.data:
             return  # the bot's own streaming edits, and embed unfurls, change nothing stored
-        # Its files as well as its text, so an edit keeps what was read of them.
-        if await self.store.edit_discord_message(message.id, await read_turn(message, me, self.settings)):
+        text, names = prompt_text(message, me), [attachment.filename for attachment in message.attachments]
+        if await self.store.edit_discord_message(message.id, lambda turn: with_text(turn, text, names)):
             log.info("stored the edited text of message %s in channel %s", message.id, message.channel.id)
 
     @app_commands.command(name="forget", description="Remove your messages, and my replies to them, from my memory")

@@ -85,6 +85,7 @@ async def test_an_edited_message_keeps_its_file_in_the_stored_turn(fake: FakeDis
         )
 
     stored = await eventually(edited, what="the edit to be stored")
+    assert fetched(fake) == ["notes.txt"]  # read once, when the message came: an edit fetches nothing again
     assert (
         stored.content
         == "what colour is the barn door?\n\nnotes.txt (attached):\n```\nThe barn door is painted green.\n```"

@@ -19,6 +19,7 @@ from bot.chat.attachments import (
     join_turn,
     read,
     skipped,
+    with_text,
 )
 from bot.chat.conversation import build_chat
 from storage.models import Role, StoredMessage
@@ -125,6 +126,21 @@ def test_the_turn_is_the_text_then_the_files_read_then_the_others() -> None:
     )
     assert join_turn("", [Attached("photo.png", why=IMAGE)]) == "photo.png (attached): an image I can't see"
     assert join_turn("just text", []) == "just text"
+
+
+def test_an_edit_replaces_the_text_and_keeps_the_files_as_read() -> None:
+    files = [Attached("notes.txt", text="notes.txt (attached): a line like a header"), Attached("a.png", why=IMAGE)]
+    turn = join_turn("what do these say?", files)
+    names = ["notes.txt", "a.png"]
+    kept = turn.removeprefix("what do these say?\n\n")
+    assert with_text(turn, "what does the file say?", names) == f"what does the file say?\n\n{kept}"
+    assert with_text(turn, "", names) == kept  # the text edited away: the files stay
+    assert with_text(kept, "now with words", names) == f"now with words\n\n{kept}"  # a file-only message gets text
+    # Text that looks like a file's header is still text: a part starts only at the turn's start or a blank line.
+    tricky = join_turn("quoting notes.txt (attached): here", files)
+    assert with_text(tricky, "new", names) == f"new\n\n{kept}"
+    assert with_text(turn, "no files left", []) == "no files left"  # an edit removed them all
+    assert with_text("plain question", "plain edit", []) == "plain edit"
 
 
 def test_a_name_cannot_break_its_line_or_open_a_code_block() -> None:

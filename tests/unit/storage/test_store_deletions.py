@@ -118,7 +118,14 @@ async def test_deleting_nothing_known_deletes_nothing(ids: list[int], store: Sto
 
 async def test_editing_a_user_message_replaces_the_stored_text(store: Store) -> None:
     question, answer = await exchange(store, CHANNEL, ALICE, 10)
-    assert await store.edit_discord_message(discord_id(10), "edited \x00 🦙 question") is True
+    seen: list[str] = []
+
+    def edit(stored: str) -> str:
+        seen.append(stored)
+        return "edited \x00 🦙 question"
+
+    assert await store.edit_discord_message(discord_id(10), edit) is True
+    assert seen == ["question 10"]  # the edit is a function of the stored text
     [edited, unchanged] = await store.load_history(CHANNEL, 10)
     assert edited.content == "edited \x00 🦙 question"
     assert (edited.id, edited.author_id, edited.created_at) == (question.id, question.author_id, question.created_at)
@@ -127,8 +134,8 @@ async def test_editing_a_user_message_replaces_the_stored_text(store: Store) -> 
 
 async def test_editing_an_unknown_message_or_a_bot_reply_changes_nothing(store: Store) -> None:
     await exchange(store, CHANNEL, ALICE, 10)
-    assert await store.edit_discord_message(discord_id(999), "x") is False
-    assert await store.edit_discord_message(discord_id(11), "not the bot's words") is False
+    assert await store.edit_discord_message(discord_id(999), lambda stored: "x") is False
+    assert await store.edit_discord_message(discord_id(11), lambda stored: "not the bot's words") is False
     assert await contents(store) == ["question 10", "answer 10"]
 
 
@@ -265,6 +272,8 @@ async def test_a_window_start_on_a_new_channel_keeps_its_default_settings(store:
         (lambda s: s.delete_discord_messages("1234"), TypeError),
         (lambda s: s.delete_discord_messages([discord_id(10), 2**64]), ValueError),
         (lambda s: s.edit_discord_message(discord_id(10), None), TypeError),
+        (lambda s: s.edit_discord_message(discord_id(10), "text, not a function"), TypeError),
+        (lambda s: s.edit_discord_message(discord_id(10), lambda stored: None), TypeError),
         (lambda s: s.forget_author(None), TypeError),
         (lambda s: s.forget_author(ALICE, channel_id=-1), ValueError),
         (lambda s: s.purge_older_than(datetime.now()), ValueError),  # naive: which zone?

@@ -125,7 +125,7 @@ async def test_version_1_database_is_migrated_and_keeps_its_data(tmp_path: Path)
         # discord_messages (so deleting the message deletes the turn), older replies answer no known turn.
         assert [m.reply_to_id for m in pirate] == [None, None]
         assert await store.get_window_start(10) == 0
-        assert await store.edit_discord_message(1001, "ahoy, edited") is True
+        assert await store.edit_discord_message(1001, lambda stored: "ahoy, edited") is True
         assert await store.delete_discord_messages([1002]) == 1
         assert [m.content for m in await store.load_history(10, 50)] == ["ahoy, edited"]
 
