@@ -6,7 +6,7 @@ allow, said once at start-up and in `/info`.
   attention mask, so continuous batching runs it with CUDA graphs (and asynchronous batching); SDPA needs one, which
   turns CUDA graphs off. Flash attention 2 and 3 also get continuous batching's paged decode kernel.
 - A CPU has no flash attention: `cb_varlen_sdpa` (per-request SDPA, `varlen_sdpa.py`) where the model has full
-  attention only, else SDPA.
+  attention only, else SDPA. Other devices (MPS) take SDPA.
 
 Availability is transformers' own check (`is_flash_attn_*_available`), without its fallback to kernels downloaded
 from the Hub: the bot's machines may not reach it. For flash attention 4 that check only finds the distribution; its
@@ -79,10 +79,12 @@ def choose_attention(
     """The attention for `model` on its device. `installed` and `capability` are transformers' and torch's checks;
     the tests pass their own."""
     device = model.device
-    if device.type != "cuda":
+    if device.type == "cpu":
         if varlen_sdpa_supported(model):
             return AttentionChoice(CB_VARLEN_SDPA, False, "per-request SDPA: no flash attention on a CPU")
         return AttentionChoice(SDPA, False, "the model has attention per-request SDPA does not know")
+    if device.type != "cuda":  # per-request SDPA runs PyTorch's CPU flash kernel for prompt chunks
+        return AttentionChoice(SDPA, False, f"no flash attention on {device.type}")
     if not getattr(model, "_supports_flash_attn", False):
         return AttentionChoice(SDPA, False, f"{type(model).__name__} does not support flash attention")
     have = capability(device)

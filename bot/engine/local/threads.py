@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable
+from contextlib import suppress
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -37,9 +38,13 @@ async def in_passing_thread(function: Callable[..., T], *args: object, name: str
         try:
             outcome = function(*args)
         except BaseException as error:  # handed to the awaiting task, as asyncio.to_thread does
-            loop.call_soon_threadsafe(settle, None, error)
+            outcome, failure = None, error
         else:
-            loop.call_soon_threadsafe(settle, outcome, None)
+            failure = None
+        with suppress(RuntimeError):  # the loop closed meanwhile (a forced stop): nobody waits for the result
+            loop.call_soon_threadsafe(settle, outcome, failure)
 
-    threading.Thread(target=run, name=name, daemon=True).start()
+    # Not a daemon: like the executor's threads, the interpreter waits for it at exit rather than stopping torch
+    # in the middle of its work (which aborts the process).
+    threading.Thread(target=run, name=name).start()
     return await result

@@ -92,6 +92,9 @@ def test_a_cpu_takes_per_request_sdpa_unless_the_model_has_sliding_windows(model
         modules=lambda: [],
     )
     assert choose_attention(windowed).implementation == SDPA
+    # Per-request SDPA uses PyTorch's CPU flash kernel: another device (Apple's MPS) keeps plain SDPA.
+    on_mps = SimpleNamespace(device=torch.device("mps"), config=model.config, modules=model.modules)
+    assert choose_attention(on_mps).describe() == "sdpa (no flash attention on mps; no CUDA graphs)"
 
 
 async def test_start_up_says_which_attention_and_cache(tiny_model_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
