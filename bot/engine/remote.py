@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import traceback
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -319,8 +320,17 @@ class RemoteEngine:
             log.error("remote request %s lost its connection: %r", stream.request_id, error)
             stream._finish(FinishReason.ERROR, GenerationError(transport_message(error)))
         except Exception as error:
-            # Its message may quote the reply (a validation error shows the chunk): the text only at DEBUG.
-            log.error("remote request %s failed on an unexpected reply: %s", stream.request_id, type(error).__name__)
+            # Its message may quote the reply (a validation error shows the chunk): at ERROR its type and where it was
+            # raised, which find a bug of ours as well; the message and traceback only at DEBUG.
+            frame = traceback.extract_tb(error.__traceback__)[-1]
+            log.error(
+                "remote request %s failed on an unexpected reply: %s at %s:%s (%s)",
+                stream.request_id,
+                type(error).__name__,
+                frame.filename,
+                frame.lineno,
+                frame.name,
+            )
             log.debug("remote request %s: the unexpected reply", stream.request_id, exc_info=True)
             stream._finish(FinishReason.ERROR, GenerationError("The model server sent a reply the bot cannot read."))
         finally:

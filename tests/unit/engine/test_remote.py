@@ -382,7 +382,7 @@ async def test_an_unreadable_reply_is_a_clear_error_that_logs_no_generated_text_
         with pytest.raises(GenerationError, match="cannot read"):
             await reply(engine)
     above_debug = [record.getMessage() for record in caplog.records if record.levelno > logging.DEBUG]
-    assert any("ValueError" in line for line in above_debug), above_debug
+    assert any("ValueError at " in line and "unreadable" in line for line in above_debug), above_debug  # and where
     assert [line for line in above_debug if "secret plan" in line or "choices" in line] == []
     details = [record for record in caplog.records if record.levelno == logging.DEBUG and record.exc_info]
     assert details and "secret plan" in str(details[0].exc_info[1])
