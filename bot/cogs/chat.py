@@ -166,14 +166,21 @@ class ChatCog(commands.Cog):
                 if self._may_talk(message, await self.pipeline.config(channel_id)) and self._may_post(message):
                     await self._answer(message, me)
         except Exception as error:
-            if self.bot.is_closed():  # the connection closed under it (a hard stop): nobody to tell, nothing failed
-                log.debug("message %s: the bot closed while answering", message.id, exc_info=True)
+            if self._closed_under(f"answering message {message.id}"):
                 return
             self.metrics.count_error(error_kind(error))
             log.exception("answering message %s in channel %s failed", message.id, channel_id)
             text = f"Sorry: {error}" if isinstance(error, EngineError) and str(error) else ERROR_TEXT
             with suppress(discord.HTTPException):
                 await self._reply_short(message, text)
+
+    def _closed_under(self, what: str) -> bool:
+        """Whether the connection closed under a handler that failed (a hard stop): then nobody is left to tell and
+        nothing failed, so it is logged at DEBUG only."""
+        if not self.bot.is_closed():
+            return False
+        log.debug("%s: the bot closed meanwhile", what, exc_info=True)
+        return True
 
     @asynccontextmanager
     async def _turn(self, channel_id: int) -> AsyncIterator[None]:
@@ -361,6 +368,8 @@ class ChatCog(commands.Cog):
                     return
                 await self._answer_again(interaction, channel, exchange, me)
         except Exception as error:
+            if self._closed_under(f"retrying the reply to message {source_id}"):
+                return
             self.metrics.count_error(error_kind(error))
             log.exception("retrying the reply to message %s in channel %s failed", source_id, channel.id)
             text = f"Sorry: {error}" if isinstance(error, EngineError) and str(error) else ERROR_TEXT

@@ -231,8 +231,10 @@ class DiscordReplyView:
         """Delete what a retry no longer needs of the old reply's messages (once the store maps the new ones)."""
         surplus, self.surplus = self.surplus, []
         for message in surplus:
-            with suppress(discord.NotFound):
+            try:
                 await message.delete()
+            except discord.HTTPException:  # gone already, or no longer ours to delete: the new reply stands
+                log.debug("could not delete message %s left over by a retry", message.id, exc_info=True)
 
     async def _render(self, text: str, *, final: bool, button: ButtonFactory | None = None) -> None:
         """Make Discord show `text`: edit the messages whose part changed, post new ones past 2,000 characters,
