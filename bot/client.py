@@ -22,6 +22,7 @@ from discord.ext import commands
 
 from bot.cogs.chat import ChatCog
 from bot.cogs.common import Denied, respond
+from bot.cogs.replying import STOP_PREFIX
 from bot.engine.errors import EngineError
 from bot.pacing import Pacer, Priority
 from bot.settings import Settings
@@ -50,10 +51,14 @@ def use_discord_endpoints(api_base_url: str, gateway_url: str) -> None:
     discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(gateway_url)
 
 
-def removes_components(request: dict[str, Any]) -> bool:
-    """Whether a request's JSON body takes every component off the message (discord.py sends `view=None` so)."""
+def ends_streaming(request: dict[str, Any]) -> bool:
+    """Whether an edit's JSON body sets the message's components without the Stop button: the edit that ends a reply
+    (it takes Stop off, or puts Retry in its place). Streaming edits keep Stop, or leave the components alone."""
     body = request.get("json")
-    return isinstance(body, dict) and body.get("components") == []
+    if not isinstance(body, dict) or "components" not in body:
+        return False
+    buttons = [item for row in body["components"] or [] for item in row.get("components", [])]
+    return not any(str(button.get("custom_id", "")).startswith(STOP_PREFIX) for button in buttons)
 
 
 def pace_requests(http: discord.http.HTTPClient, pacer: Pacer) -> None:
@@ -65,10 +70,10 @@ def pace_requests(http: discord.http.HTTPClient, pacer: Pacer) -> None:
     message that keeps its components (a reply's growing text or its place in line, under the Stop button) is a
     streaming edit, paced by channel, where one reply streams at a time; a typing indicator goes only when no other
     request waits, since a late one would show after the reply; everything else goes first: a reply's first
-    message, the edit that takes its Stop button off (the reply is done: its end need not wait a round of the
-    others' edits), notices, reads, command sync. Interaction responses and follow-ups never pass here: discord.py
-    sends them through its webhook adapter, and Discord does not count them toward the global limit, so a command's
-    answer never waits.
+    message, the edit that takes its Stop button off (the reply is done, with Retry or no button: its end need not
+    wait a round of the others' edits), notices, reads, command sync. Interaction responses and follow-ups never
+    pass here: discord.py sends them through its webhook adapter, and Discord does not count them toward the global
+    limit, so a command's answer never waits.
     """
     send = http.request
 
@@ -76,7 +81,7 @@ def pace_requests(http: discord.http.HTTPClient, pacer: Pacer) -> None:
         if route.path == TYPING_ROUTE:
             if not await pacer.turn_if_idle():
                 return None  # skipped: the reply it announces is what the budget is for
-        elif route.method == "PATCH" and route.path == EDIT_ROUTE and not removes_components(kwargs):
+        elif route.method == "PATCH" and route.path == EDIT_ROUTE and not ends_streaming(kwargs):
             await pacer.turn(Priority.EDIT, route.channel_id)
         else:
             await pacer.turn(Priority.FIRST)

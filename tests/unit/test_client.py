@@ -10,6 +10,7 @@ import discord
 from discord.http import HTTPClient, Route, handle_message_parameters
 
 from bot.client import pace_requests
+from bot.cogs.replying import RETRY_PREFIX, STOP_PREFIX
 from bot.pacing import Pacer
 
 
@@ -41,13 +42,21 @@ async def test_messages_go_before_edits_that_waited_longer() -> None:
 async def test_the_edit_that_ends_a_reply_goes_before_streaming_edits() -> None:
     http = paced_http()
     await http.get_user(1)
-    stop = discord.ui.View(timeout=None)
-    stop.add_item(discord.ui.Button(label="Stop", custom_id="stop"))
+    stop, retry = discord.ui.View(timeout=None), discord.ui.View(timeout=None)
+    stop.add_item(discord.ui.Button(label="Stop", custom_id=f"{STOP_PREFIX}7"))
+    retry.add_item(discord.ui.Button(label="Retry", custom_id=f"{RETRY_PREFIX}7"))
     streaming = handle_message_parameters(content="so far", view=stop)
+    growing = handle_message_parameters(content="so far, and more")  # the components left as they are
     done = handle_message_parameters(content="the end", view=None)  # the button comes off: the reply is done
+    retried = handle_message_parameters(content="the end", view=retry)  # or Retry takes Stop's place
     async with asyncio.timeout(5):
-        await asyncio.gather(http.edit_message(1, 10, params=streaming), http.edit_message(2, 20, params=done))
-    assert http.sent == ["GET None", "PATCH 2", "PATCH 1"]  # type: ignore[attr-defined]
+        await asyncio.gather(
+            http.edit_message(1, 10, params=streaming),
+            http.edit_message(2, 20, params=growing),
+            http.edit_message(3, 30, params=done),
+            http.edit_message(4, 40, params=retried),
+        )
+    assert http.sent == ["GET None", "PATCH 3", "PATCH 4", "PATCH 1", "PATCH 2"]  # type: ignore[attr-defined]
 
 
 async def test_a_request_goes_through_unchanged() -> None:
