@@ -100,17 +100,16 @@ def varlen_sdpa_attention_forward(
     step = (tuple(cu_seq_lens_q.tolist()), tuple(cu_seq_lens_k.tolist()), query.dtype)
     if getattr(_plans, "step", None) != step:  # the first layer of a step
         _plans.step, _plans.calls = step, plan_step(list(step[0]), list(step[1]), query.dtype)
-    grouped = getattr(module, "num_key_value_groups", 1) > 1
+    groups = getattr(module, "num_key_value_groups", 1)
     out = query.new_empty(query.shape[0], query.shape[2], query.shape[1], value.shape[-1])  # [1, Q, H, D]
     for call in _plans.calls:
         queries = query[:, :, call.q_start : call.q_end]
         keys, values = key[:, :, call.k_start : call.k_end], value[:, :, call.k_start : call.k_end]
         if call.cached:
-            groups = getattr(module, "num_key_value_groups", 1)
             attended = _attend_after_cached(queries, keys, values, call.cached, scaling, groups)
         else:
             attended = F.scaled_dot_product_attention(
-                queries, keys, values, attn_mask=call.mask, is_causal=call.causal, scale=scaling, enable_gqa=grouped
+                queries, keys, values, attn_mask=call.mask, is_causal=call.causal, scale=scaling, enable_gqa=groups > 1
             )
         out[:, call.q_start : call.q_end] = attended.transpose(1, 2)
     return out, None
