@@ -9,6 +9,7 @@ consumer decodes a few tokens at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -207,8 +208,14 @@ class AsyncEngine:
         """Allocate the KV cache and start the generation thread (off the loop)."""
         if self._state != "new":
             raise EngineError("The engine was already started.")
+        starting = asyncio.ensure_future(in_passing_thread(self._batcher.start, asyncio.get_running_loop()))
         try:
-            await in_passing_thread(self._batcher.start, asyncio.get_running_loop())
+            await asyncio.shield(starting)
+        except asyncio.CancelledError:  # stopped during start-up: the thread goes on, so stop what it starts
+            with contextlib.suppress(Exception):
+                await starting
+            await in_passing_thread(self._batcher.stop)
+            raise
         except (MemoryError, RuntimeError, ValueError) as error:  # the KV cache does not fit, or a bad size
             raise ModelLoadError(
                 f"The executor could not start: {error}. Lower KV_CACHE_MEMORY, MAX_BATCH_SIZE or MAX_PROMPT_TOKENS."

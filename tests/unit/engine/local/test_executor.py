@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -11,6 +12,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from bot.engine.api import FinishReason
 from bot.engine.errors import EngineBusyError, EngineError, GenerationError, ModelLoadError
+from bot.engine.local.cb_adapter import ContinuousBatcher
 from bot.engine.local.executor import AsyncEngine
 from bot.engine.sampling import SamplingParams
 from tests.support.local_engine import (
@@ -338,6 +340,36 @@ def test_sampling_params_take_ints_and_know_greedy() -> None:
     assert params.greedy
     assert isinstance(params.temperature, float) and isinstance(params.top_p, float)
     assert not SamplingParams(temperature=0.1).greedy
+
+
+async def test_a_start_cancelled_midway_leaves_no_generation_thread(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stop during start-up (a second Ctrl-C) cancels `start` while its thread builds the cache: the thread goes on
+    and starts the generation loop, which nobody would stop, and the process would not exit."""
+    building, release = threading.Event(), threading.Event()
+    start = ContinuousBatcher.start
+
+    def slow_start(self: ContinuousBatcher, loop: asyncio.AbstractEventLoop) -> None:
+        building.set()
+        release.wait(TIMEOUT_S)
+        start(self, loop)
+
+    monkeypatch.setattr(ContinuousBatcher, "start", slow_start)
+    engine = AsyncEngine(model, tokenizer, max_batch_size=1, max_queued_requests=1, max_sequence_tokens=1024)
+    starting = asyncio.create_task(engine.start())
+    await asyncio.wait_for(asyncio.to_thread(building.wait, TIMEOUT_S), TIMEOUT_S + 1)
+    starting.cancel()
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(starting, TIMEOUT_S)
+    for thread in [thread for thread in threading.enumerate() if thread.name == "llamacord-torch"]:
+        await asyncio.wait_for(asyncio.to_thread(thread.join, TIMEOUT_S), TIMEOUT_S + 1)  # whatever it started, it has
+    try:
+        assert generation_threads() == []
+        assert not engine.is_alive
+    finally:
+        await asyncio.to_thread(engine._batcher.stop)  # if the test fails, not to leave the thread to the next ones
 
 
 async def test_a_kv_cache_that_cannot_fit_fails_start_with_a_clear_error(
