@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import math
+import random
 from types import SimpleNamespace
 
 import pytest
 import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.generation.continuous_batching.cache_allocators.full_attention import FullAttentionCacheAllocator
 from transformers.generation.continuous_batching.continuous_api import ContinuousBatchingManager, OutputRouter
 
 from bot.engine.local import cb_adapter
@@ -18,8 +21,11 @@ from bot.engine.local.cb_adapter import (
     _install_sample_or_argmax,
     _install_skippable_top_p,
     _sample_or_argmax,
+    cache_slots,
     internals_problems,
 )
+from bot.engine.sampling import SamplingParams
+from tests.support.local_engine import collect, reference, running
 
 
 def test_every_transformers_internal_the_adapter_uses_is_as_pinned() -> None:
@@ -97,3 +103,39 @@ def test_the_pinned_version_is_the_one_pyproject_pins() -> None:
 
     dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     assert cb_adapter.PINNED in dependencies
+
+
+@pytest.mark.parametrize("page", [1, 4, 16, 256])
+def test_cache_slots_are_transformers_own_read_and_write_indices(page: int) -> None:
+    rng = random.Random(page)
+    for _ in range(50):
+        allocator = SimpleNamespace(tokens_per_page=page, block_physical_stride=2 * page, block_table={})
+        reads, writes, expected_reads, expected_writes = [], [], [], []
+        for request in map(str, range(rng.randint(1, 6))):
+            past, new = rng.randint(0, 600), rng.randint(1, 300)
+            allocator.block_table[request] = rng.sample(range(1000), -(-(past + new) // page))
+            expected_reads += FullAttentionCacheAllocator.get_read_indices(allocator, request, past, new)  # type: ignore[arg-type]
+            expected_writes += FullAttentionCacheAllocator.get_write_indices(allocator, request, past, new)  # type: ignore[arg-type]
+            reads.append((request, 0, past + new))
+            writes.append((request, past, past + new))
+        assert cache_slots(allocator, reads).tolist() == expected_reads  # type: ignore[arg-type]
+        assert cache_slots(allocator, writes).tolist() == expected_writes  # type: ignore[arg-type]
+
+
+async def test_chunked_prompts_beside_decode_rows_read_the_cache_through_the_tensor_indices(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[list[int]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Prompts longer than a step (chunked) beside requests already decoding: every read index of every step comes
+    from `cache_slots`, and the outputs are exactly `generate`'s."""
+    built = []
+    monkeypatch.setattr(cb_adapter, "cache_slots", lambda *args: built.append(cache_slots(*args)) or built[-1])
+    long_prompts = [prompt * 6 for prompt in prompts[:4]]
+    expected = [reference(model, prompt, 12) for prompt in long_prompts]
+    async with running(model, tokenizer, max_batch_tokens=64) as engine:
+        streams = [engine.generate(prompt, SamplingParams(0, 1.0, 12)) for prompt in long_prompts]
+        await asyncio.gather(*(collect(stream) for stream in streams))
+    assert [stream.token_ids for stream in streams] == expected
+    assert len(built) > len(long_prompts) and max(indices.numel() for indices in built) > 64
