@@ -18,4 +18,6 @@ def test_the_long_prompt_benchmark_measures_both_attentions(tmp_path: Path) -> N
             figures = summary[size]
             assert figures["alone_s"] > 0 and figures["together_last_s"] > 0
             assert figures["ratio"] == figures["together_last_s"] / figures["alone_s"]
+            assert 0 < figures["best_alone_s"] <= figures["alone_s"]
+            assert 0 < figures["best_together_last_s"] <= figures["together_last_s"]
         assert summary["rss_after_start_gib"] > 0

@@ -6,7 +6,7 @@ import torch
 from transformers.generation.continuous_batching.utils import build_attention_mask
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from bot.engine.local.varlen_sdpa import PACK_DECODE_MAX_KEYS, plan_step, varlen_sdpa_attention_forward
+from bot.engine.local.varlen_sdpa import PACK_DECODE_MAX_WASTED_KEYS, plan_step, varlen_sdpa_attention_forward
 
 
 class Layer(torch.nn.Module):
@@ -14,8 +14,18 @@ class Layer(torch.nn.Module):
 
 
 # (cached past, new tokens) per request: decode rows, whole prompts, chunks of prompts with a cached start, and a
-# decode row with a past longer than a packed run may span.
-REQUESTS = [(0, 37), (100, 1), (50, 1), (0, 1), (300, 200), (7, 5), (9, 1), (PACK_DECODE_MAX_KEYS + 3, 1), (3, 1)]
+# decode row with a past longer than a packed run may waste.
+REQUESTS = [
+    (0, 37),
+    (100, 1),
+    (50, 1),
+    (0, 1),
+    (300, 200),
+    (7, 5),
+    (9, 1),
+    (20_000, 1),
+    (3, 1),
+]
 
 
 def packed_batch() -> tuple[list[int], list[int]]:
@@ -64,6 +74,25 @@ def test_each_request_reads_its_own_keys_and_decode_rows_share_calls() -> None:
     # A chunk after 300 cached tokens: no mask is built; its own 200 keys are read causally after the 300.
     assert (chunk.q_end - chunk.q_start, chunk.k_end - chunk.k_start, chunk.cached) == (200, 500, 300)
     assert chunk.mask is None and not chunk.causal
+
+
+def test_a_decode_row_joins_a_shared_call_only_while_it_adds_at_most_the_bound_of_masked_out_pairs() -> None:
+    """32 decode rows of 100-131 keys (short histories): several shared calls, not one over all 32 rows."""
+    lengths = [100 + row for row in range(32)]
+    cu_q, cu_k = list(range(len(lengths) + 1)), [0]
+    for length in lengths:
+        cu_k.append(cu_k[-1] + length)
+
+    def added(first: int, row: int) -> int:  # row's keys for each row before it, and their keys for row
+        return (row - first) * lengths[row] + cu_k[row] - cu_k[first]
+
+    calls = plan_step(cu_q, cu_k, torch.float32)
+    assert [(call.q_start, call.k_start) for call in calls[1:]] == [(c.q_end, c.k_end) for c in calls[:-1]]
+    assert 1 < len(calls) < len(lengths) and calls[-1].q_end == len(lengths)
+    for call in calls:
+        assert all(added(call.q_start, row) <= PACK_DECODE_MAX_WASTED_KEYS for row in range(call.q_start, call.q_end))
+        if call.q_end < len(lengths):
+            assert added(call.q_start, call.q_end) > PACK_DECODE_MAX_WASTED_KEYS
 
 
 def test_outside_continuous_batching_it_is_plain_sdpa() -> None:
