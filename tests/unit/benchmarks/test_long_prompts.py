@@ -20,4 +20,5 @@ def test_the_long_prompt_benchmark_measures_both_attentions(tmp_path: Path) -> N
             assert figures["ratio"] == figures["together_last_s"] / figures["alone_s"]
             assert 0 < figures["best_alone_s"] <= figures["alone_s"]
             assert 0 < figures["best_together_last_s"] <= figures["together_last_s"]
+            assert figures["best_ratio"] == figures["best_together_last_s"] / figures["best_alone_s"]
         assert summary["rss_after_start_gib"] > 0
