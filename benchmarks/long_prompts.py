@@ -144,7 +144,8 @@ def markdown(report: dict[str, Any]) -> str:
     settings = report["settings"]
     lines = [
         f"- date: {report['date']}; CPU: {report['machine']['cpu']}; {settings['rounds']} rounds of "
-        f"{settings['repeats']} alternations, medians (best: the ratio of the best of each side in a round)",
+        f"{settings['repeats']} alternations; medians over rounds, of times and of each round's ratio (best: the "
+        "ratio of the best of each side in a round)",
         "",
         f"| attention | one {settings['tokens']} alone | {settings['count']} at once: last | ratio | best: ratio "
         f"| one {settings['tokens'] // 2} alone | {settings['count']} at once: last | ratio | RSS after start |",

@@ -78,6 +78,10 @@ EVICTION_SLACK = 0.05
 EVICTION_PAGES = 16
 
 
+class TransformersChanged(RuntimeError):
+    """transformers' continuous batching is not shaped as in the pinned release: an upgrade, not a setting, to fix."""
+
+
 @dataclass(frozen=True, slots=True)
 class TokenUpdate:
     """What one step produced for one request. `token_ids` is every token generated so far, stop token included."""
@@ -186,7 +190,7 @@ class ContinuousBatcher:
         """Build the manager, allocate the KV cache and start the generation thread. Blocking: run it off the loop."""
         problems = internals_problems()
         if problems:
-            raise RuntimeError(
+            raise TransformersChanged(
                 f"bot/engine/local/cb_adapter.py is written for {PINNED}, and this transformers differs: "
                 + "; ".join(problems)
             )
@@ -350,7 +354,9 @@ def _install_greedy_temperature(manager: ContinuousBatchingManager) -> None:
         if type(processor) is ContinuousBatchingTemperatureLogitsWarper:
             processors[index] = _GreedyAwareTemperature(TemperatureLogitsWarper(processor.temperature))
             return
-    raise RuntimeError(f"transformers' continuous batching built no per-request temperature processor ({PINNED})")
+    raise TransformersChanged(
+        f"transformers' continuous batching built no per-request temperature processor ({PINNED})"
+    )
 
 
 def _install_skippable_top_p(manager: ContinuousBatchingManager) -> None:
@@ -361,14 +367,14 @@ def _install_skippable_top_p(manager: ContinuousBatchingManager) -> None:
             skippable.__dict__.update(processor.__dict__)
             processors[index] = skippable
             return
-    raise RuntimeError(f"transformers' continuous batching built no per-request top-p processor ({PINNED})")
+    raise TransformersChanged(f"transformers' continuous batching built no per-request top-p processor ({PINNED})")
 
 
 def _install_sample_or_argmax(manager: ContinuousBatchingManager) -> None:
     """After `warmup`, which builds the batch processor and its model runner."""
     processor = manager.batch_processor
     if processor is None or not isinstance(getattr(processor, "model_runner", None), ModelRunner):
-        raise RuntimeError(f"transformers' continuous batching built no model runner after warmup ({PINNED})")
+        raise TransformersChanged(f"transformers' continuous batching built no model runner after warmup ({PINNED})")
     if processor.return_logprobs:
         raise RuntimeError("the sampling shortcut does not return logprobs; the batcher never asks for them")
     processor.model_runner._sample = _sample_or_argmax  # type: ignore[method-assign]
@@ -378,7 +384,7 @@ def _cache_of(manager: ContinuousBatchingManager) -> PagedAttentionCache:
     processor = manager.batch_processor
     cache = getattr(processor, "cache", None)
     if not isinstance(cache, PagedAttentionCache):
-        raise RuntimeError(f"transformers' continuous batching built no paged cache after warmup ({PINNED})")
+        raise TransformersChanged(f"transformers' continuous batching built no paged cache after warmup ({PINNED})")
     return cache
 
 
@@ -396,22 +402,30 @@ def _install_read_slots_as_tensors(manager: ContinuousBatchingManager, cache: Pa
     missing = [name for name in _IO_STORAGE if not hasattr(ios, name)]
     missing += [f"allocator.{name}" for name in _PAGE_TABLE if not all(hasattr(a, name) for a in allocators)]
     if missing:
-        raise RuntimeError(f"transformers' continuous batching lost {', '.join(missing)} ({PINNED})")
+        raise TransformersChanged(f"transformers' continuous batching lost {', '.join(missing)} ({PINNED})")
     spans: list[tuple[str, int, int]] = []  # (request id, 0, past + query length) of the step being prepared
+    preparing = [False]  # reads are left out of transformers' lists only inside the wrapped preparation
     extend = cache.extend_read_and_write_indices
 
     def extend_read_and_write_indices(
         request_id: str, past_length: int, query_length: int, read_index: list[list[int]] | None, write_index: Any
     ) -> None:
+        if not preparing[0]:
+            extend(request_id, past_length, query_length, read_index, write_index)
+            return
         extend(request_id, past_length, query_length, None, write_index)
-        if read_index is not None:  # None: no request of the step has a past, and nothing is read
+        if read_index is not None:  # None: the step reads nothing from the cache
             spans.append((request_id, 0, past_length + query_length))
 
     prepare = ios.prepare_batch_tensors
 
     def prepare_batch_tensors(*args: Any, **kwargs: Any) -> None:
         spans.clear()
-        prepare(*args, **kwargs)
+        preparing[0] = True
+        try:
+            prepare(*args, **kwargs)
+        finally:
+            preparing[0] = False
         if spans and not ios.use_block_table:  # the decode fast path fills a block table instead
             for index, allocator in enumerate(allocators):
                 read = cache_slots(allocator, spans)
@@ -536,7 +550,6 @@ def internals_problems() -> list[str]:
         PagedAttentionCache, "extend_read_and_write_indices", "request_id", "past_length", "query_length", "read_index"
     )
     parameters(ContinuousBatchingIOs, "prepare_batch_tensors", "requests_in_batch", "max_kv_read")
-    parameters(FullAttentionCacheAllocator, "get_read_indices", "request_id", "past_length", "query_length")
     parameters(CachePool, "free_blocks", "index", "block_ids")
     parameters(CachePool, "try_to_free_sectors")
     parameters(PreTrainedModel, "set_attn_implementation", "attn_implementation")

@@ -24,7 +24,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from bot.engine.api import EngineStats, FinishReason, Prompt, RequestTable, StreamBase
 from bot.engine.errors import SHUTTING_DOWN, EngineError, GenerationError, ModelLoadError
 from bot.engine.local.attention import AttentionChoice, choose_attention
-from bot.engine.local.cb_adapter import ContinuousBatcher, TokenUpdate
+from bot.engine.local.cb_adapter import ContinuousBatcher, TokenUpdate, TransformersChanged
 from bot.engine.local.detokenizer import IncrementalDetokenizer
 from bot.engine.local.info import ModelInfo, collect_model_info
 from bot.engine.local.kv_cache import KVCacheInfo, blocks_for, kv_bytes_per_token, page_size_for, planned_blocks
@@ -216,6 +216,8 @@ class AsyncEngine:
                 await starting
             await in_passing_thread(self._batcher.stop)
             raise
+        except TransformersChanged as error:  # no setting fixes this one
+            raise ModelLoadError(f"The executor could not start: {error}") from error
         except (MemoryError, RuntimeError, ValueError) as error:  # the KV cache does not fit, or a bad size
             raise ModelLoadError(
                 f"The executor could not start: {error}. Lower KV_CACHE_MEMORY, MAX_BATCH_SIZE or MAX_PROMPT_TOKENS."

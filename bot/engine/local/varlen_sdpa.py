@@ -25,11 +25,11 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 CB_VARLEN_SDPA = "cb_varlen_sdpa"
 # Consecutive decode rows share one SDPA call under a block-diagonal mask, where every row is scored against every
-# key of the call. A row joins the call before it while the masked-out pairs it adds (its own keys for each row
-# already there, and their keys for it) stay within this many: about what one more call costs on a CPU, for a model
-# as small as SmolLM2 (measured, 2 CPUs: per-request calls are 2-5x faster than one call over 32 rows of 100-1,000
-# keys).
-PACK_DECODE_MAX_WASTED_KEYS = 1024
+# key of the call. A row joins the call before it while the masked-out query-key pairs that row adds (its own keys
+# for each row already there, and their keys for it) stay within this many: about what one more call costs on a
+# CPU, for a model as small as SmolLM2 (measured, 2 CPUs: per-request calls are 2-5x faster than one call over 32
+# rows of 100-1,000 keys). It bounds what each row adds, not a call's total.
+PACK_DECODE_MAX_ADDED_PAIRS = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +62,7 @@ def plan_step(cu_q: list[int], cu_k: list[int], dtype: torch.dtype) -> list[_Cal
             continue
         if q_len == 1:  # decoding: extend to the run of consecutive decode rows
             j = i + 1
-            while j < count and cu_q[j + 1] - cu_q[j] == 1 and _wasted(cu_k, i, j) <= PACK_DECODE_MAX_WASTED_KEYS:
+            while j < count and cu_q[j + 1] - cu_q[j] == 1 and _added_pairs(cu_k, i, j) <= PACK_DECODE_MAX_ADDED_PAIRS:
                 j += 1
             mask = None
             if j - i > 1:
@@ -82,7 +82,7 @@ def plan_step(cu_q: list[int], cu_k: list[int], dtype: torch.dtype) -> list[_Cal
     return calls
 
 
-def _wasted(cu_k: list[int], first: int, row: int) -> int:
+def _added_pairs(cu_k: list[int], first: int, row: int) -> int:
     """The masked-out query-key pairs that decode row `row` adds by joining rows [first, row) in one call."""
     return (row - first) * (cu_k[row + 1] - cu_k[row]) + cu_k[row] - cu_k[first]
 

@@ -6,18 +6,21 @@ import asyncio
 import math
 import random
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.generation.continuous_batching.cache_allocators.full_attention import FullAttentionCacheAllocator
 from transformers.generation.continuous_batching.continuous_api import ContinuousBatchingManager, OutputRouter
+from transformers.generation.continuous_batching.input_outputs import ContinuousBatchingIOs
 
 from bot.engine.local import cb_adapter
 from bot.engine.local.attention import AttentionChoice
 from bot.engine.local.cb_adapter import (
     ContinuousBatcher,
     _GreedyAwareTemperature,
+    _install_read_slots_as_tensors,
     _install_sample_or_argmax,
     _install_skippable_top_p,
     _sample_or_argmax,
@@ -128,14 +131,43 @@ async def test_chunked_prompts_beside_decode_rows_read_the_cache_through_the_ten
     prompts: list[list[int]],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Prompts longer than a step (chunked) beside requests already decoding: every read index of every step comes
-    from `cache_slots`, and the outputs are exactly `generate`'s."""
-    built = []
-    monkeypatch.setattr(cb_adapter, "cache_slots", lambda *args: built.append(cache_slots(*args)) or built[-1])
+    """Prompts longer than a step (chunked) beside requests already decoding: at every step that reads the cache,
+    the model gets the read indices transformers' own allocator would have listed, built by `cache_slots`, and the
+    outputs are exactly `generate`'s."""
+    expected_reads: list[list[int]] = []
+
+    def traced_slots(allocator: FullAttentionCacheAllocator, spans: list[tuple[str, int, int]]) -> torch.Tensor:
+        expected_reads.append([i for rid, _, end in spans for i in allocator.get_read_indices(rid, 0, end)])
+        return cache_slots(allocator, spans)
+
+    checked = []
+    model_kwargs = ContinuousBatchingIOs.get_model_kwargs
+
+    def traced_kwargs(ios: ContinuousBatchingIOs, use_padding: bool = False) -> Any:
+        kwargs = model_kwargs(ios, use_padding)
+        if ios.true_read_sizes[0]:
+            assert kwargs["read_index"][0].tolist() == expected_reads[-1]
+            checked.append(len(expected_reads[-1]))
+        return kwargs
+
+    monkeypatch.setattr(cb_adapter, "cache_slots", traced_slots)
+    monkeypatch.setattr(ContinuousBatchingIOs, "get_model_kwargs", traced_kwargs)
     long_prompts = [prompt * 6 for prompt in prompts[:4]]
     expected = [reference(model, prompt, 12) for prompt in long_prompts]
     async with running(model, tokenizer, max_batch_tokens=64) as engine:
         streams = [engine.generate(prompt, SamplingParams(0, 1.0, 12)) for prompt in long_prompts]
         await asyncio.gather(*(collect(stream) for stream in streams))
     assert [stream.token_ids for stream in streams] == expected
-    assert len(built) > len(long_prompts) and max(indices.numel() for indices in built) > 64
+    assert len(checked) == len(expected_reads) > len(long_prompts) and max(checked) > 64
+
+
+def test_the_read_indices_stay_transformers_own_where_the_tensor_path_does_not_apply() -> None:
+    """Asynchronous IOs (CUDA with flash attention) keep transformers' lists: the cache is left unpatched."""
+
+    def extend(*args: Any) -> None:
+        return None
+
+    cache = SimpleNamespace(cache_allocators={}, extend_read_and_write_indices=extend)
+    manager = SimpleNamespace(batch_processor=SimpleNamespace(inputs_and_outputs=SimpleNamespace()))
+    _install_read_slots_as_tensors(manager, cache)  # type: ignore[arg-type]
+    assert cache.extend_read_and_write_indices is extend

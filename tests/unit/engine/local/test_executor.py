@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.generation.continuous_batching.continuous_api import ContinuousBatchingManager
 
 from bot.engine.api import FinishReason
 from bot.engine.errors import EngineBusyError, EngineError, GenerationError, ModelLoadError
@@ -370,6 +371,17 @@ async def test_a_start_cancelled_midway_leaves_no_generation_thread(
         assert not engine.is_alive
     finally:
         await asyncio.to_thread(engine._batcher.stop)  # if the test fails, not to leave the thread to the next ones
+
+
+async def test_a_changed_transformers_fails_start_without_blaming_the_settings(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delattr(ContinuousBatchingManager, "cancel_request")
+    engine = AsyncEngine(model, tokenizer, max_batch_size=1, max_queued_requests=0)
+    with pytest.raises(ModelLoadError, match=r"transformers==5\.24\.0.*cancel_request is gone") as raised:
+        async with asyncio.timeout(TIMEOUT_S):
+            await engine.start()
+    assert "KV_CACHE_MEMORY" not in str(raised.value)
 
 
 async def test_a_kv_cache_that_cannot_fit_fails_start_with_a_clear_error(

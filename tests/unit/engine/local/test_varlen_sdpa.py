@@ -6,7 +6,7 @@ import torch
 from transformers.generation.continuous_batching.utils import build_attention_mask
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from bot.engine.local.varlen_sdpa import PACK_DECODE_MAX_WASTED_KEYS, plan_step, varlen_sdpa_attention_forward
+from bot.engine.local.varlen_sdpa import PACK_DECODE_MAX_ADDED_PAIRS, plan_step, varlen_sdpa_attention_forward
 
 
 class Layer(torch.nn.Module):
@@ -90,9 +90,18 @@ def test_a_decode_row_joins_a_shared_call_only_while_it_adds_at_most_the_bound_o
     assert [(call.q_start, call.k_start) for call in calls[1:]] == [(c.q_end, c.k_end) for c in calls[:-1]]
     assert 1 < len(calls) < len(lengths) and calls[-1].q_end == len(lengths)
     for call in calls:
-        assert all(added(call.q_start, row) <= PACK_DECODE_MAX_WASTED_KEYS for row in range(call.q_start, call.q_end))
+        assert all(added(call.q_start, row) <= PACK_DECODE_MAX_ADDED_PAIRS for row in range(call.q_start, call.q_end))
         if call.q_end < len(lengths):
-            assert added(call.q_start, call.q_end) > PACK_DECODE_MAX_WASTED_KEYS
+            assert added(call.q_start, call.q_end) > PACK_DECODE_MAX_ADDED_PAIRS
+
+
+def test_a_decode_row_that_adds_exactly_the_bound_joins_and_one_more_pair_does_not() -> None:
+    # Row 2 joining row 1 adds its keys for row 1 and row 1's keys for it: 24 + 1,000 pairs, then 24 + 1,001.
+    assert PACK_DECODE_MAX_ADDED_PAIRS == 1024
+    joined = plan_step([0, 1, 2], [0, 24, 24 + 1000], torch.float32)
+    assert [(call.q_start, call.q_end) for call in joined] == [(0, 2)]
+    apart = plan_step([0, 1, 2], [0, 24, 24 + 1001], torch.float32)
+    assert [(call.q_start, call.q_end) for call in apart] == [(0, 1), (1, 2)]
 
 
 def test_outside_continuous_batching_it_is_plain_sdpa() -> None:
