@@ -163,6 +163,9 @@ async def test_chatter_the_bot_will_not_answer_does_not_fill_the_waiting_line(fa
     assert [m.content for m in history if m.role is Role.USER] == ["first", "a question for the bot"]
 
 
+LONGEST_REPLY_TIMEOUT_S = 60.0
+
+
 async def test_config_refuses_a_reply_length_that_leaves_no_room_for_a_prompt(
     fake: FakeDiscord, bot: RunningBot, tiny_engine: AsyncEngine
 ) -> None:
@@ -178,8 +181,10 @@ async def test_config_refuses_a_reply_length_that_leaves_no_room_for_a_prompt(
     accepted = await fake.wait_for_response(await fake.slash("config", {"max_new_tokens": most}, user=fake.moderator))
     assert not int(accepted.get("flags") or 0) & EPHEMERAL_FLAG
     assert (await bot.store.get_channel_settings(fake.general_id)).max_new_tokens == most
-    # The channel still answers with it: the prompt keeps its room.
-    posted, _ = await wait_for_reply(fake, bot.store, await fake.send_message(fake.alice, "hi", mention_bot=True))
+    # The channel still answers with it: the prompt keeps its room. The reply is the longest the channel allows
+    # (about 5 s on a quiet 2-CPU machine, streamed in paced edits), so it gets more than the default wait.
+    asked = await fake.send_message(fake.alice, "hi", mention_bot=True)
+    posted, _ = await wait_for_reply(fake, bot.store, asked, timeout_s=LONGEST_REPLY_TIMEOUT_S)
     assert posted[0]["content"] != ERROR_TEXT
 
 
